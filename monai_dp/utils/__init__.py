@@ -1,0 +1,10 @@
+from .errors import DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
+from .validation import (
+    check_choice,
+    check_non_negative,
+    check_open_unit_interval,
+    check_positive,
+    check_positive_int,
+    check_type,
+    error_message,
+)

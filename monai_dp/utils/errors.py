@@ -1,0 +1,28 @@
+"""Domain errors of monai_dp."""
+
+from __future__ import annotations
+
+__all__ = ["PrivacyBudgetExhaustedError", "DPIncompatibleModuleError", "DPConfigurationError"]
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """Raised when the privacy budget does not allow the requested (or even one more) step."""
+
+
+class DPConfigurationError(ValueError):
+    """Raised when a trainer setting would void the differential-privacy guarantee."""
+
+
+class DPIncompatibleModuleError(ValueError):
+    """Raised when a network holds layers that cannot train with per-sample gradients.
+
+    ``offenders`` is a list of ``(layer_path, problem, fix)`` triples; the message lists them all.
+    """
+
+    def __init__(self, offenders: list[tuple[str, str, str]]):
+        self.offenders = list(offenders)
+        lines = [f"  - `{path}`: {problem} Fix: {fix}" for path, problem, fix in self.offenders]
+        super().__init__(
+            f"`network` must be compatible with per-sample gradients, got {len(self.offenders)} "
+            "incompatible layer(s):\n" + "\n".join(lines)
+        )

@@ -1,0 +1,85 @@
+"""Argument checks that raise errors in one template.
+
+Every message reads: `` `<arg>` must be <constraint>, got <value!r>. `` followed by one
+sentence of fix where one exists. Checks are written as ``not x > 0`` so that NaN fails too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "error_message",
+    "check_positive",
+    "check_non_negative",
+    "check_open_unit_interval",
+    "check_positive_int",
+    "check_choice",
+    "check_type",
+]
+
+
+def error_message(name: str, constraint: str, value: Any, fix: str | None = None) -> str:
+    """Format the project's error message: name the argument, the constraint, the value and the fix."""
+    msg = f"`{name}` must be {constraint}, got {value!r}."
+    if fix:
+        msg += f" {fix}"
+    return msg
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive(name: str, value: Any, fix: str | None = None) -> float:
+    """Return ``float(value)`` if it is a finite number > 0, else raise ``ValueError``/``TypeError``."""
+    if not _is_real(value):
+        raise TypeError(error_message(name, "a number", type(value).__name__, fix))
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(error_message(name, "a finite number > 0", value, fix))
+    return float(value)
+
+
+def check_non_negative(name: str, value: Any, fix: str | None = None) -> float:
+    """Return ``float(value)`` if it is a finite number >= 0."""
+    if not _is_real(value):
+        raise TypeError(error_message(name, "a number", type(value).__name__, fix))
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(error_message(name, "a finite number >= 0", value, fix))
+    return float(value)
+
+
+def check_open_unit_interval(name: str, value: Any, fix: str | None = None) -> float:
+    """Return ``float(value)`` if 0 < value < 1."""
+    if not _is_real(value):
+        raise TypeError(error_message(name, "a number", type(value).__name__, fix))
+    if not (0 < value < 1):
+        raise ValueError(error_message(name, "in (0, 1)", value, fix))
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any, fix: str | None = None) -> int:
+    """Return ``value`` if it is an int >= 1 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(error_message(name, "an int", type(value).__name__, fix))
+    if not value >= 1:
+        raise ValueError(error_message(name, "an int >= 1", value, fix))
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str], fix: str | None = None) -> str:
+    """Return ``value`` lower-cased if it is one of ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(error_message(name, f"one of {list(choices)}", type(value).__name__, fix))
+    low = value.lower()
+    if low not in choices:
+        raise ValueError(error_message(name, f"one of {list(choices)}", value, fix))
+    return low
+
+
+def check_type(name: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    """Return ``value`` if it is an instance of ``types``, else raise ``TypeError`` naming ``what``."""
+    if not isinstance(value, types):
+        raise TypeError(error_message(name, what, type(value).__name__))
+    return value
