@@ -1,0 +1,2 @@
+from .collate import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, is_empty_batch
+from .poisson import dataset_length, loader_batch_size, make_poisson_loader, rebuild_loader

@@ -1,0 +1,92 @@
+"""Poisson-sampled data loaders for DP-SGD.
+
+The privacy analysis of DP-SGD (the sampled Gaussian mechanism) assumes each item enters a step
+independently with probability ``sample_rate``. :func:`make_poisson_loader` rebuilds a user's
+``DataLoader`` with Opacus' ``UniformWithReplacementSampler`` (which draws exactly that) and keeps
+everything else of the loader: dataset, workers, collate, pinning, worker initialisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader
+
+from monai_dp.data.collate import DPCollate
+from monai_dp.utils.validation import error_message
+
+__all__ = ["dataset_length", "loader_batch_size", "make_poisson_loader", "rebuild_loader"]
+
+logger = logging.getLogger(__name__)
+
+_FIX_LOADER = "Pass a torch/MONAI `DataLoader` over a dataset with `__len__` and a `batch_size`."
+
+
+def dataset_length(loader: Any) -> int:
+    """Number of items of the loader's dataset; raises a clear error when it has none."""
+    if not isinstance(loader, DataLoader):
+        raise TypeError(error_message("train_data_loader", "a torch.utils.data.DataLoader", type(loader).__name__, _FIX_LOADER))
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            error_message("train_data_loader.dataset", "a dataset with a length", type(loader.dataset).__name__,
+                          "DP accounting needs the number of items N; use a map-style dataset.")
+        ) from None
+    if not n > 0:
+        raise ValueError(error_message("train_data_loader.dataset", "non-empty", f"{n} items", "Check the datalist."))
+    return int(n)
+
+
+def loader_batch_size(loader: DataLoader) -> int:
+    """The loader's batch size (the expected logical batch size under Poisson sampling)."""
+    bs = loader.batch_size
+    if bs is None:
+        bs = getattr(loader.batch_sampler, "batch_size", None)
+    if not isinstance(bs, int) or not bs >= 1:
+        raise ValueError(error_message("train_data_loader.batch_size", "an int >= 1", bs, _FIX_LOADER))
+    return bs
+
+
+def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": DPCollate(loader.collate_fn),
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+    }
+    if loader.num_workers > 0:
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+        kwargs["persistent_workers"] = loader.persistent_workers
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return kwargs
+
+
+def rebuild_loader(loader: DataLoader, batch_sampler: Any) -> DataLoader:
+    """A loader like ``loader`` (same class when it is MONAI's) that draws batches from ``batch_sampler``."""
+    kwargs = _loader_kwargs(loader)
+    try:
+        from monai.data import DataLoader as MonaiDataLoader
+    except ImportError:  # pragma: no cover - monai is a hard dependency
+        MonaiDataLoader = None
+    cls = MonaiDataLoader if MonaiDataLoader is not None and isinstance(loader, MonaiDataLoader) else DataLoader
+    return cls(loader.dataset, batch_sampler=batch_sampler, **kwargs)
+
+
+def make_poisson_loader(
+    loader: DataLoader, sample_rate: float, generator: torch.Generator | None = None
+) -> DataLoader:
+    """Rebuild ``loader`` so that every item enters each batch independently with probability ``sample_rate``.
+
+    One epoch is ``int(1 / sample_rate)`` batches, as in Opacus. Empty batches are returned as the marker
+    of :func:`monai_dp.data.collate.is_empty_batch`.
+    """
+    n = dataset_length(loader)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator)
+    return rebuild_loader(loader, sampler)

@@ -1,0 +1,135 @@
+"""The privacy accounting state a DP trainer owns: mechanism, accountant, steps taken, budget."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from monai_dp.privacy import calibrate_noise_multiplier, create_accountant
+from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+from monai_dp.utils.validation import error_message
+
+__all__ = ["PrivacyState"]
+
+logger = logging.getLogger(__name__)
+
+
+class PrivacyState:
+    """Mechanism parameters and accounting of one DP training run.
+
+    The accountant's history is the source of truth: ``steps`` and ε are derived from it, and it is what a
+    checkpoint stores, so a resumed run continues the accounting exactly.
+    """
+
+    def __init__(self, accountant: str, noise_multiplier: float, max_grad_norm: float, sample_rate: float,
+                 delta: float, target_epsilon: float | None, num_units: int, planned_steps: int,
+                 sampling: str = "poisson", unit: str = "record") -> None:
+        self.accountant = create_accountant(accountant)
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.sample_rate = float(sample_rate)
+        self.delta = float(delta)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.num_units = int(num_units)
+        self.planned_steps = int(planned_steps)
+        self.sampling = sampling
+        self.unit = unit
+        self._allowed_total: int | None = None
+        self._eps_cache: tuple[int, float, float] | None = None
+
+    @classmethod
+    def create(cls, settings: Any, delta: float, sample_rate: float, num_units: int, planned_steps: int,
+               sampling: str, unit: str = "record") -> PrivacyState:
+        """Build the state from checked settings, calibrating σ when only ε is given."""
+        sigma = settings.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_noise_multiplier(settings.target_epsilon, delta, sample_rate, planned_steps,
+                                               accountant=settings.accountant)
+            logger.info("Calibrated noise_multiplier σ = %.4f for ε = %.3g over %d steps (q = %.4g, δ = %.3g, %s).",
+                        sigma, settings.target_epsilon, planned_steps, sample_rate, delta, settings.accountant)
+        state = cls(settings.accountant, sigma, settings.max_grad_norm, sample_rate, delta, settings.target_epsilon,
+                    num_units, planned_steps, sampling, unit)
+        if state.target_epsilon is not None and state.accountant.max_extra_steps(
+                state.target_epsilon, delta, sigma, sample_rate, limit=1) < 1:
+            raise PrivacyBudgetExhaustedError(
+                error_message("target_epsilon", "large enough for one step", state.target_epsilon,
+                              f"One step at σ = {sigma:.4g}, q = {sample_rate:.4g} spends "
+                              f"ε = {state.accountant.epsilon_after(delta, sigma, sample_rate, 1):.4g}; "
+                              "raise the budget or the noise multiplier.")
+            )
+        return state
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def steps(self) -> int:
+        return self.accountant.steps
+
+    def record_step(self) -> None:
+        """Account one noisy step of the sampled Gaussian mechanism."""
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+
+    def get_epsilon(self, delta: float | None = None) -> float:
+        d = self.delta if delta is None else float(delta)
+        if self._eps_cache is not None and self._eps_cache[:2] == (self.steps, d):
+            return self._eps_cache[2]
+        eps = float(self.accountant.get_epsilon(d))
+        self._eps_cache = (self.steps, d, eps)
+        return eps
+
+    def allowed_total_steps(self, target_epsilon: float | None = None) -> int | None:
+        """Largest total step count whose ε stays within the budget (``None``: no budget)."""
+        target = self.target_epsilon if target_epsilon is None else float(target_epsilon)
+        if target is None:
+            return None
+        if target_epsilon is not None and target_epsilon != self.target_epsilon:
+            limit = max(self.planned_steps - self.steps, 0) + 1
+            return self.steps + self.accountant.max_extra_steps(target, self.delta, self.noise_multiplier,
+                                                                self.sample_rate, limit=limit)
+        if self._allowed_total is None or self._allowed_total <= self.steps:
+            limit = max(self.planned_steps - self.steps, 0) + 1
+            self._allowed_total = self.steps + self.accountant.max_extra_steps(
+                target, self.delta, self.noise_multiplier, self.sample_rate, limit=limit)
+        return self._allowed_total
+
+    def allows_step(self, target_epsilon: float | None = None) -> bool:
+        """Whether one more step keeps ε within the budget (checked before the step)."""
+        allowed = self.allowed_total_steps(target_epsilon)
+        return allowed is None or self.steps + 1 <= allowed
+
+    def exhausted_message(self) -> str:
+        return (f"Privacy budget ε = {self.target_epsilon:.4g} (δ = {self.delta:.3g}) reached: "
+                f"{self.steps} steps spent ε = {self.get_epsilon():.4g}, and one more step would exceed it.")
+
+    def describe(self) -> str:
+        budget = "none" if self.target_epsilon is None else f"{self.target_epsilon:.4g}"
+        return (f"DP-SGD ({self.unit} level): σ = {self.noise_multiplier:.4g}, C = {self.max_grad_norm:.4g}, "
+                f"q = {self.sample_rate:.4g} (N = {self.num_units}), δ = {self.delta:.3g}, ε budget = {budget}, "
+                f"accountant = {self.accountant.name}, sampling = {self.sampling}, planned steps = {self.planned_steps}.")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Plain types only, loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "num_units": self.num_units,
+            "sampling": self.sampling,
+            "unit": self.unit,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the accounting history. The history of any accountant type is accepted (it is mechanism-level)."""
+        if not isinstance(state, dict) or "accountant" not in state:
+            raise ValueError(error_message("privacy state", "a dict with an 'accountant' entry", type(state).__name__))
+        acc = dict(state["accountant"])
+        acc["accountant"] = self.accountant.name
+        self.accountant.load_state_dict(acc)
+        if state.get("sampling", "poisson") != "poisson" and self.sampling == "poisson":
+            self.sampling = str(state["sampling"])
+            logger.warning("Resumed accounting includes steps taken without Poisson sampling.")
+        self._allowed_total = None
+        self._eps_cache = None

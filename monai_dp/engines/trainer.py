@@ -1,0 +1,331 @@
+"""DPSupervisedTrainer: MONAI's SupervisedTrainer with record-level (ε, δ)-DP-SGD."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.engines.workflow import Workflow
+from monai.utils.enums import CommonKeys as Keys
+from opacus.optimizers import DPOptimizer
+from torch.utils.data import DataLoader
+
+from monai_dp.data import dataset_length, get_row_groups, is_empty_batch, loader_batch_size, make_poisson_loader
+from monai_dp.data.poisson import rebuild_loader
+from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
+from monai_dp.engines.privacy_state import PrivacyState
+from monai_dp.losses import check_per_sample_loss
+from monai_dp.networks import PerSampleGradients, find_incompatible_modules, make_private_compatible
+from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
+from monai_dp.utils.validation import check_positive_int, error_message
+
+__all__ = ["DPSupervisedTrainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class DPSupervisedTrainer(SupervisedTrainer):
+    """``monai.engines.SupervisedTrainer`` with differentially private SGD (record level).
+
+    Takes every argument of ``SupervisedTrainer`` and these:
+
+    Args:
+        target_epsilon: the privacy budget ε. Without ``noise_multiplier``, σ is calibrated so that ``max_epochs``
+            epochs spend at most ε; with it, ε is a cap and training stops before the step that would exceed it.
+        target_delta: δ; must be below 1/N. Default ``min(1e-5, 1/(10 N))``.
+        noise_multiplier: σ, noise standard deviation relative to ``max_grad_norm``.
+        max_grad_norm: clip norm C of each sampled item's gradient.
+        accountant: ``"prv"`` (default, tight), ``"rdp"`` or ``"gdp"``.
+        max_physical_batch_size: split a logical (Poisson) batch into physical batches of at most this many items
+            (virtual steps); the accounting follows the logical steps. ``accumulation_steps=k`` maps onto this:
+            the logical batch is ``k * batch_size`` items and the physical batch ``batch_size``.
+        poisson_sampling: rebuild ``train_data_loader`` with Poisson sampling at rate ``batch_size / N`` (default).
+        allow_non_poisson_sampling: needed with ``poisson_sampling=False``; the accountant then assumes Poisson
+            sampling that did not happen, which is logged as a WARNING and recorded in the checkpoint.
+        make_compatible: convert the network with :func:`monai_dp.networks.make_private_compatible` (default).
+        noise_seed: seed of the noise generator, for reproducible tests only; ``None`` draws fresh randomness.
+        secure_mode: Opacus' secure noise generation (slower; protects against floating-point attacks).
+        sampling_seed: seed of the Poisson sampler's generator (``None``: fresh).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        inferer: Any = None,
+        postprocessing: Any = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
+        accumulation_steps: int = 1,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        accountant: str = "prv",
+        max_physical_batch_size: int | None = None,
+        poisson_sampling: bool = True,
+        allow_non_poisson_sampling: bool = False,
+        make_compatible: bool = True,
+        noise_seed: int | None = None,
+        secure_mode: bool = False,
+        sampling_seed: int | None = None,
+    ) -> None:
+        settings = DPSettings(target_epsilon, target_delta, noise_multiplier, max_grad_norm, accountant,
+                              max_physical_batch_size)
+        self._refuse_unsafe_options(iteration_update, compile)
+        check_positive_int("accumulation_steps", accumulation_steps)
+        check_positive_int("max_epochs", max_epochs)
+        self._amp_dtype = check_amp(amp, amp_kwargs)
+        check_per_sample_loss(loss_function)
+        network = self._prepare_network(network, make_compatible)
+
+        num_items = dataset_length(train_data_loader)
+        batch_size = loader_batch_size(train_data_loader)
+        logical = batch_size * accumulation_steps
+        if accumulation_steps > 1:
+            logger.info("accumulation_steps=%d: logical batch %d items, physical batches of at most %d.",
+                        accumulation_steps, logical, batch_size)
+            physical = min(batch_size, max_physical_batch_size or batch_size)
+        else:
+            physical = max_physical_batch_size
+        if not logical <= num_items:
+            raise ValueError(error_message("batch_size * accumulation_steps", f"<= the dataset size N = {num_items}",
+                                           logical, "Lower the batch size."))
+        sample_rate = logical / num_items
+        loader, sampling = self._make_loader(train_data_loader, sample_rate, poisson_sampling,
+                                             allow_non_poisson_sampling, sampling_seed)
+        steps_per_epoch = epoch_length if epoch_length is not None else len(loader)
+        delta = resolve_delta(settings.target_delta, num_items)
+
+        self.privacy = PrivacyState.create(
+            settings, delta=delta, sample_rate=sample_rate, num_units=num_items,
+            planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling,
+        )
+        self.physical_batch_size = physical
+        self.dp_network_params = self._trainable_in_optimizer(network, optimizer)
+        generator = None
+        if noise_seed is not None:
+            generator = torch.Generator(device=torch.device(device)).manual_seed(int(noise_seed))
+        dp_optimizer = DPOptimizer(
+            optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer,
+            noise_multiplier=self.privacy.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+            expected_batch_size=logical, loss_reduction="mean", generator=generator, secure_mode=secure_mode,
+        )
+        self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
+
+        from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler
+
+        handlers = list(train_handlers or [])
+        own: list = []
+        if not any(isinstance(h, PrivacyAccountantHandler) for h in handlers):
+            own.append(PrivacyAccountantHandler())
+        if not any(isinstance(h, PrivacyBudgetHandler) for h in handlers):
+            own.append(PrivacyBudgetHandler())
+        super().__init__(
+            device=device, max_epochs=max_epochs, train_data_loader=loader, network=network, optimizer=dp_optimizer,
+            loss_function=loss_function, epoch_length=epoch_length, non_blocking=non_blocking,
+            prepare_batch=prepare_batch, iteration_update=None, inferer=inferer, postprocessing=postprocessing,
+            key_train_metric=key_train_metric, additional_metrics=additional_metrics, metric_cmp_fn=metric_cmp_fn,
+            train_handlers=own + handlers, amp=amp, event_names=event_names, event_to_attr=event_to_attr,
+            decollate=decollate, optim_set_to_none=optim_set_to_none, to_kwargs=to_kwargs, amp_kwargs=amp_kwargs,
+            compile=False, compile_kwargs=None, accumulation_steps=1,
+        )
+        self.grad_sampler.inferer = self.inferer
+        self.logger.info(self.privacy.describe())
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _refuse_unsafe_options(iteration_update: Callable | None, compile: bool) -> None:
+        if iteration_update is not None:
+            raise DPConfigurationError(
+                error_message("iteration_update", "None with DP training", getattr(iteration_update, "__name__", iteration_update),
+                              "A custom iteration would bypass per-sample clipping and noise; use event handlers.")
+            )
+        if compile:
+            raise DPConfigurationError(error_message("compile", "False with DP training", compile,
+                                                     "torch.compile is not supported with per-sample gradients yet."))
+
+    @staticmethod
+    def _prepare_network(network: torch.nn.Module, make_compatible: bool) -> torch.nn.Module:
+        if not isinstance(network, torch.nn.Module):
+            raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
+        if make_compatible:
+            network, report = make_private_compatible(network)
+            if len(report):
+                logger.info("%s", report)
+            return network
+        offenders = find_incompatible_modules(network)
+        if offenders:
+            raise DPIncompatibleModuleError(offenders)
+        return network
+
+    @staticmethod
+    def _make_loader(loader, sample_rate, poisson_sampling, allow_non_poisson_sampling, sampling_seed):
+        generator = None if sampling_seed is None else torch.Generator().manual_seed(int(sampling_seed))
+        if poisson_sampling:
+            return make_poisson_loader(loader, sample_rate, generator=generator), "poisson"
+        if not allow_non_poisson_sampling:
+            raise DPConfigurationError(
+                error_message("poisson_sampling", "True unless `allow_non_poisson_sampling=True`", poisson_sampling,
+                              "The accountant assumes Poisson sampling; other sampling voids its guarantee.")
+            )
+        logger.warning("poisson_sampling=False: the accountant assumes Poisson sampling at rate %.4g, which this "
+                       "loader does not do; the reported ε is not a proven guarantee.", sample_rate)
+        return rebuild_loader(loader, loader.batch_sampler), "loader"
+
+    @staticmethod
+    def _trainable_in_optimizer(network: torch.nn.Module, optimizer: Any) -> list[tuple[str, torch.nn.Parameter]]:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(error_message("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__))
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+        named = [(n, p) for n, p in network.named_parameters() if id(p) in in_opt]
+        missing = len(in_opt) - len(named)
+        if missing:
+            raise ValueError(
+                error_message("optimizer", "built on the parameters of `network`", f"{missing} parameter(s) not in it",
+                              "Build the optimizer from network.parameters().")
+            )
+        if not named:
+            raise ValueError(error_message("optimizer", "holding trainable parameters", "none"))
+        return named
+
+    # ------------------------------------------------------------------ public API
+    def run(self) -> None:  # type: ignore[override]
+        """Run training. Unlike ``SupervisedTrainer.run`` no GradScaler is created: DP never scales gradients."""
+        self.scaler = None
+        Workflow.run(self)
+
+    def get_epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default: ``target_delta``)."""
+        return self.privacy.get_epsilon(delta)
+
+    @property
+    def dp_steps(self) -> int:
+        """Number of noisy (logical) optimizer steps taken, including resumed ones."""
+        return self.privacy.steps
+
+    def state_dict(self) -> dict:
+        """Ignite's trainer state plus the privacy accounting state (plain types only)."""
+        sd = super().state_dict()
+        sd["privacy"] = self.privacy.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        sd = dict(state_dict)
+        priv = sd.pop("privacy", None)
+        if priv is None and int(sd.get("iteration", 0) or 0) > 0:
+            raise ValueError(
+                error_message("state_dict", "a DP trainer checkpoint with a 'privacy' entry", sorted(sd),
+                              "Resuming without the accounting state would reset ε; save the DPSupervisedTrainer.")
+            )
+        super().load_state_dict(sd)
+        if priv is not None:
+            self.privacy.load_state_dict(priv)
+
+    # ------------------------------------------------------------------ the iteration
+    def _iteration(self, engine: DPSupervisedTrainer, batchdata: Any) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        if not engine.privacy.allows_step():
+            raise PrivacyBudgetExhaustedError(engine.privacy.exhausted_message())
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if is_empty_batch(batchdata):
+            return engine._noise_only_step()
+        inputs, targets, groups = engine._unpack(batchdata)
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        num_items = int(groups.max().item()) + 1
+        chunks = _item_chunks(groups, num_items, engine.physical_batch_size or num_items)
+        losses, preds = [], []
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        y = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
+        for i, (first_item, last_item, r0, r1) in enumerate(chunks):
+            grads, loss, pred = engine.grad_sampler(
+                x[r0:r1], y[r0:r1], groups[r0:r1] - first_item, last_item - first_item, engine._amp_dtype
+            )
+            for name, p in engine.dp_network_params:
+                p.grad_sample = grads[name]
+            losses.append(loss)
+            preds.append(pred)
+            if i < len(chunks) - 1:
+                engine.optimizer.signal_skip_step(do_skip=True)
+                engine.optimizer.step()
+                engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        engine.state.output[Keys.PRED] = torch.cat(preds)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output[Keys.LOSS] = torch.cat(losses).mean()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine._noisy_step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _unpack(self, batchdata: Any) -> tuple[Any, Any, torch.Tensor]:
+        batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+        if len(batch) == 2:
+            inputs, targets = batch
+        else:
+            inputs, targets, args, kwargs = batch
+            if args or kwargs:
+                raise DPConfigurationError(error_message("prepare_batch output", "(inputs, targets) with DP training",
+                                                         "extra network arguments"))
+        rows = inputs.shape[0]
+        groups = get_row_groups(batchdata)
+        groups = torch.arange(rows) if groups is None else torch.as_tensor(groups)
+        if groups.numel() != rows:
+            raise RuntimeError(
+                error_message("prepare_batch output", f"{groups.numel()} rows, one per collated row", rows,
+                              "A prepare_batch that adds or drops rows breaks per-item clipping.")
+            )
+        return inputs, targets, groups.to(device=inputs.device, dtype=torch.long)
+
+    def _noisy_step(self) -> None:
+        self.optimizer.signal_skip_step(do_skip=False)
+        self.optimizer.step()
+        self.privacy.record_step()
+        if self.optimizer._is_last_step_skipped:  # pragma: no cover - guards an Opacus behaviour change
+            raise RuntimeError("DPOptimizer skipped the noisy step; the accounting would not match the updates.")
+
+    def _noise_only_step(self) -> dict:
+        """An empty Poisson batch: the analysis assumes the noisy step still happens, so take it."""
+        for _, p in self.dp_network_params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        nan = torch.tensor(float("nan"), device=self.state.device)
+        self.state.output = {Keys.LOSS: nan}
+        self._noisy_step()
+        self.logger.debug("Empty Poisson batch: took a noise-only step.")
+        return self.state.output
+
+
+def _item_chunks(groups: torch.Tensor, num_items: int, size: int) -> list[tuple[int, int, int, int]]:
+    """Split items ``0..num_items-1`` into runs of at most ``size`` items: ``(first, last_excl, row0, row1)``.
+
+    Rows of one item are contiguous (collation keeps them together), so each run is a row range.
+    """
+    if groups.numel() > 1 and bool((groups[1:] < groups[:-1]).any()):
+        raise RuntimeError("`dp_group` must be non-decreasing: rows of one item must be contiguous.")
+    bounds = torch.searchsorted(groups.cpu(), torch.arange(0, num_items + 1, dtype=torch.long)).tolist()
+    return [(s, min(s + size, num_items), bounds[s], bounds[min(s + size, num_items)]) for s in range(0, num_items, size)]

@@ -1,0 +1,2 @@
+from .privacy_accountant_handler import PrivacyAccountantHandler
+from .privacy_budget_handler import PrivacyBudgetHandler

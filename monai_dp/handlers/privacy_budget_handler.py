@@ -1,0 +1,75 @@
+"""PrivacyBudgetHandler: stop training before the step that would exceed the privacy budget."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from monai.utils import min_version, optional_import
+
+from monai_dp.utils.validation import check_positive, error_message
+
+Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
+
+__all__ = ["PrivacyBudgetHandler"]
+
+
+class PrivacyBudgetHandler:
+    """Terminate the trainer at ``ITERATION_STARTED`` when one more step would take ε past the budget.
+
+    The check runs before the step (terminating there keeps that iteration from running), so the budget is
+    never exceeded, not even by one step, whatever ``max_epochs`` says. The log says why training stopped and
+    ``engine.state.dp_budget_exhausted`` is set to ``True``.
+
+    Args:
+        target_epsilon: budget; default: the trainer's ``target_epsilon`` (no budget: the handler does nothing).
+            When both are set the smaller one applies.
+        name: logger name; default: the engine's logger.
+    """
+
+    def __init__(self, target_epsilon: float | None = None, name: str | None = None) -> None:
+        self.target_epsilon = None if target_epsilon is None else check_positive("target_epsilon", target_epsilon)
+        self.logger = logging.getLogger(name) if name is not None else None
+        self.stopped_at: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``ITERATION_STARTED``; attaching twice does nothing."""
+        if not hasattr(engine, "privacy"):
+            raise TypeError(error_message("engine", "a DP trainer (with a `privacy` state)", type(engine).__name__,
+                                          "Attach it to monai_dp.engines.DPSupervisedTrainer."))
+        if self.logger is None:
+            self.logger = engine.logger
+        if not engine.has_event_handler(self, Events.ITERATION_STARTED):
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def _budget(self, engine: Any) -> float | None:
+        own, theirs = self.target_epsilon, engine.privacy.target_epsilon
+        if own is None or theirs is None:
+            return own if theirs is None else theirs
+        return min(own, theirs)
+
+    def __call__(self, engine: Engine) -> None:
+        budget = self._budget(engine)
+        if budget is None or engine.privacy.allows_step(budget):
+            return
+        priv = engine.privacy
+        self.stopped_at = priv.steps
+        engine.state.dp_budget_exhausted = True
+        self.logger.info(
+            "Privacy budget reached: ε = %.4f after %d steps (δ = %.3g); one more step would exceed ε = %.4g. "
+            "Stopping training.", priv.get_epsilon(), priv.steps, priv.delta, budget,
+        )
+        engine.terminate()
+
+    def state_dict(self) -> dict:
+        return {"target_epsilon": self.target_epsilon, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(error_message("state_dict", "a dict", type(state_dict).__name__))
+        self.target_epsilon = state_dict.get("target_epsilon", self.target_epsilon)
+        self.stopped_at = state_dict.get("stopped_at")

@@ -1,0 +1,2 @@
+from .conversion import CompatibilityReport, find_incompatible_modules, make_private_compatible
+from .grad_sample import PerSampleGradients, per_sample_loss

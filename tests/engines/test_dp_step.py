@@ -1,0 +1,190 @@
+"""The trainer's update equals a plainly written DP-SGD step (same noise seed), and the silent failures stay impossible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import DataLoader
+from torch import nn
+
+from monai_dp.data import EMPTY_BATCH_KEY, GROUP_KEY
+from monai_dp.engines import DPSupervisedTrainer
+from tests.conftest import TinyClassifier, make_classification_data
+
+SIGMA, CLIP, SEED = 0.7, 0.05, 1234
+
+
+def _trainer(net, data, batch_size=4, **kw):
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    loader = DataLoader(data, batch_size=batch_size)
+    kw.setdefault("noise_multiplier", SIGMA)
+    kw.setdefault("max_grad_norm", CLIP)
+    kw.setdefault("noise_seed", SEED)
+    return DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=loader, network=net, optimizer=opt,
+                               loss_function=nn.CrossEntropyLoss(), **kw)
+
+
+def _reference_update(net, x, y, groups, expected_batch_size, sigma=SIGMA, clip=CLIP, seed=SEED, lr=1.0):
+    """DP-SGD written out: per-example autograd, sum rows of one item, clip, sum, add N(0, σC), divide by E[B]."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    loss_fn = nn.CrossEntropyLoss()
+    per_row = []
+    for i in range(x.shape[0]):
+        net.zero_grad()
+        loss_fn(net(x[i : i + 1]), y[i : i + 1]).backward()
+        per_row.append([p.grad.detach().clone() for p in params])
+    num_items = int(groups.max()) + 1
+    per_item = [[torch.zeros_like(p) for p in params] for _ in range(num_items)]
+    for r, g in enumerate(groups.tolist()):
+        for j, gr in enumerate(per_row[r]):
+            per_item[g][j] += gr
+    total = [torch.zeros_like(p) for p in params]
+    for item in per_item:
+        norm = torch.sqrt(sum((g**2).sum() for g in item))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for j, g in enumerate(item):
+            total[j] += factor * g
+    gen = torch.Generator().manual_seed(seed)
+    new = []
+    for p, t in zip(params, total):
+        noise = torch.normal(0.0, sigma * clip, size=p.shape, generator=gen)
+        new.append(p.detach() - lr * (t + noise) / expected_batch_size)
+    return new
+
+
+def _batch(data, idx, groups=None):
+    rows = [data[i] for i in idx]
+    batch = {"image": torch.stack([r["image"] for r in rows]), "label": torch.stack([r["label"] for r in rows])}
+    batch[GROUP_KEY] = torch.arange(len(idx)) if groups is None else torch.tensor(groups)
+    return batch
+
+
+def _run_one_iteration(trainer, batch):
+    trainer.state.iteration = 1
+    trainer.state.device = torch.device("cpu")
+    return trainer._iteration(trainer, batch)
+
+
+def test_update_equals_reference_dp_sgd():
+    data = make_classification_data(n=40)
+    net = TinyClassifier()
+    trainer = _trainer(net, data, batch_size=4)
+    batch = _batch(data, [0, 3, 5, 8, 9, 11])
+    expected = _reference_update(trainer.network, batch["image"], batch["label"], batch[GROUP_KEY], 4)
+    _run_one_iteration(trainer, batch)
+    for p, e in zip(trainer.network.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert trainer.dp_steps == 1
+
+
+def test_rows_of_one_item_are_clipped_together():
+    """Four crops of one image move the update by at most C in total, not 4 C."""
+    data = make_classification_data(n=40)
+    net = TinyClassifier()
+    trainer = _trainer(net, data, batch_size=4)
+    groups = [0, 0, 0, 0, 1, 2, 2]
+    batch = _batch(data, [0, 1, 2, 3, 4, 5, 6], groups)
+    expected = _reference_update(trainer.network, batch["image"], batch["label"], torch.tensor(groups), 4)
+    wrong = _reference_update(trainer.network, batch["image"], batch["label"], torch.arange(7), 4)
+    _run_one_iteration(trainer, batch)
+    for p, e in zip(trainer.network.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(e, w) for e, w in zip(expected, wrong)), "grouping must change the update"
+
+
+def test_item_contribution_bounded_by_clip_norm():
+    """Adding one item (with 4 rows) to a batch changes the pre-noise sum by at most C."""
+    data = make_classification_data(n=40)
+    for g in (data[i] for i in range(4)):
+        g["image"] = g["image"] * 100.0  # huge gradients
+    base = _batch(data, [10, 11, 12])
+    with_item = _batch(data, [10, 11, 12, 0, 1, 2, 3], [0, 1, 2, 3, 3, 3, 3])
+    sums = []
+    for batch in (base, with_item):
+        net = TinyClassifier()
+        trainer = _trainer(net, data)
+        trainer.optimizer.zero_grad()
+        x, y, groups = batch["image"], batch["label"], batch[GROUP_KEY]
+        grads, _, _ = trainer.grad_sampler(x, y, groups, int(groups.max()) + 1)
+        for name, p in trainer.dp_network_params:
+            p.grad_sample = grads[name]
+        trainer.optimizer.signal_skip_step(do_skip=True)
+        trainer.optimizer.step()
+        sums.append(torch.cat([p.summed_grad.flatten() for _, p in trainer.dp_network_params]))
+    assert float((sums[1] - sums[0]).norm()) <= CLIP * (1 + 1e-4)
+
+
+def test_virtual_steps_equal_one_logical_step():
+    data = make_classification_data(n=40)
+    batch = _batch(data, list(range(9)), [0, 0, 1, 2, 3, 4, 4, 4, 5])
+    results = []
+    for physical in (None, 2, 1):
+        trainer = _trainer(TinyClassifier(), data, batch_size=4, max_physical_batch_size=physical)
+        _run_one_iteration(trainer, batch)
+        results.append([p.detach().clone() for p in trainer.network.parameters()])
+        assert trainer.dp_steps == 1
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_steps_map_onto_virtual_steps():
+    data = make_classification_data(n=40)
+    trainer = _trainer(TinyClassifier(), data, batch_size=4, accumulation_steps=3)
+    assert trainer.privacy.sample_rate == pytest.approx(12 / 40)
+    assert trainer.physical_batch_size == 4
+    assert trainer.optimizer.expected_batch_size == 12
+    assert trainer.accumulation_steps == 1
+
+
+def test_empty_batch_takes_noise_only_step():
+    data = make_classification_data(n=40)
+    trainer = _trainer(TinyClassifier(), data, batch_size=4)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    _run_one_iteration(trainer, {EMPTY_BATCH_KEY: True})
+    gen = torch.Generator().manual_seed(SEED)
+    for b, p in zip(before, trainer.network.parameters()):
+        noise = torch.normal(0.0, SIGMA * CLIP, size=p.shape, generator=gen)
+        torch.testing.assert_close(p.detach(), b - noise / 4, rtol=1e-5, atol=1e-7)
+    assert trainer.dp_steps == 1
+
+
+def test_empty_batches_in_a_real_run_are_stepped_and_accounted():
+    # N = 60, batch 1: q = 1/60, each batch is empty with probability (59/60)^60 ≈ 0.36
+    data = make_classification_data(n=60)
+    trainer = _trainer(TinyClassifier(), data, batch_size=1, sampling_seed=0, noise_seed=None)
+    seen = {"empty": 0}
+    from ignite.engine import Events
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _count(engine):
+        if EMPTY_BATCH_KEY in engine.state.batch:
+            seen["empty"] += 1
+
+    trainer.run()
+    assert seen["empty"] > 0
+    assert trainer.dp_steps == 60 == trainer.state.iteration
+
+
+def test_loss_is_per_sample_even_for_batch_reducing_losses():
+    """DiceCELoss reduces over the batch; the trainer evaluates it per example so each example is clipped."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, 2, (4, 8), (2,), norm="instance")
+    x = torch.randn(3, 1, 16, 16)
+    y = torch.randint(0, 2, (3, 1, 16, 16))
+    data = [{"image": x[i], "label": y[i]} for i in range(3)] * 4
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    trainer = DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(data, batch_size=3),
+                                  network=net, optimizer=opt, loss_function=loss, noise_multiplier=1.0,
+                                  max_grad_norm=1e-3)
+    grads, losses, _ = trainer.grad_sampler(x, y)
+    assert losses.shape == (3,)
+    for i in range(3):
+        net.zero_grad()
+        loss(net(x[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-4, atol=1e-6)
