@@ -175,7 +175,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if make_compatible:
             network, report = make_private_compatible(network)
             if len(report):
-                logger.info("%s", report)
+                logger.info("%s", report.summary())
+                logger.debug("%s", report)
             return network
         offenders = find_incompatible_modules(network)
         if offenders:

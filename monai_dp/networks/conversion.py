@@ -32,6 +32,15 @@ class CompatibilityReport:
     def __len__(self) -> int:
         return len(self.changes)
 
+    def summary(self) -> str:
+        """One line: how many layers of each kind were changed."""
+        counts: dict[str, int] = {}
+        for _, before, after in self.changes:
+            key = f"{before.split('(')[0]} -> {after.split('(')[0]}"
+            counts[key] = counts.get(key, 0) + 1
+        parts = ", ".join(f"{n} x {k}" for k, n in counts.items()) or "no change needed"
+        return f"make_private_compatible: {parts}."
+
     def __str__(self) -> str:
         if not self.changes:
             return "make_private_compatible: no change needed."

@@ -1,0 +1,1 @@
+from ._stub import *  # TEMP
