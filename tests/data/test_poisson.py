@@ -1,0 +1,98 @@
+"""Poisson sampling at the accounted rate, row-to-item maps for multi-crop transforms, empty batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, RandCropByPosNegLabeld
+
+from monai_dp.data import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, make_poisson_loader
+from tests.conftest import make_classification_data
+
+
+def test_batches_are_poisson_at_the_sample_rate():
+    data = list(range(200))
+    loader = make_poisson_loader(DataLoader(data, batch_size=10), 0.05, generator=torch.Generator().manual_seed(0))
+    assert len(loader) == 20
+    sizes, counts = [], np.zeros(200)
+    for _ in range(50):  # 50 epochs x 20 steps
+        for batch in loader:
+            if isinstance(batch, dict) and batch.get(EMPTY_BATCH_KEY):
+                sizes.append(0)
+                continue
+            idx = list(batch)
+            sizes.append(len(idx))
+            counts[idx] += 1
+    sizes = np.array(sizes)
+    # batch size ~ Binomial(200, 0.05): mean 10, variance 9.5 (a fixed batch size would have variance 0)
+    assert abs(sizes.mean() - 10) < 0.5
+    assert 7 < sizes.var() < 12
+    # each item is in ~ 1000 * 0.05 = 50 batches, independently
+    assert abs(counts.mean() - 50) < 1.5
+
+
+def test_multi_crop_rows_map_to_their_item():
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        label = (rng.random((1, 16, 16)) > 0.7).astype(np.float32)
+        records.append({"image": rng.normal(size=(1, 16, 16)).astype(np.float32), "label": label})
+    crop = RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=(8, 8), num_samples=4)
+    ds = Dataset(records, transform=Compose([crop]))
+    loader = make_poisson_loader(DataLoader(ds, batch_size=3), 0.99, generator=torch.Generator().manual_seed(1))
+    batch = next(iter(loader))
+    groups = batch[GROUP_KEY]
+    assert batch["image"].shape[0] == 4 * (int(groups.max()) + 1)
+    assert groups.tolist() == sorted(groups.tolist())
+    assert torch.bincount(groups).tolist() == [4] * (int(groups.max()) + 1)
+
+
+def test_empty_and_sequence_batches():
+    collate = DPCollate()
+    assert collate([]) == {EMPTY_BATCH_KEY: True}
+    out = collate([(torch.zeros(2), torch.tensor(0)), (torch.ones(2), torch.tensor(1))])
+    assert isinstance(out, GroupedBatch) and get_row_groups(out).tolist() == [0, 1]
+    d = collate([{"image": torch.zeros(1)}])
+    assert d[GROUP_KEY].tolist() == [0]
+
+
+def test_grouped_batches_survive_worker_processes():
+    data = make_classification_data(n=20)
+    loader = make_poisson_loader(DataLoader(data, batch_size=5, num_workers=1), 0.5,
+                                 generator=torch.Generator().manual_seed(0))
+    batch = next(b for b in loader if not b.get(EMPTY_BATCH_KEY))
+    assert batch[GROUP_KEY].numel() == batch["image"].shape[0]
+
+
+def test_multi_crop_trainer_clips_per_image():
+    """End to end: with 4 crops per image the trainer clips per image (rows summed), checked on one batch."""
+    from monai.networks.nets import UNet
+    from monai.losses import DiceCELoss
+
+    from monai_dp.engines import DPSupervisedTrainer
+
+    rng = np.random.default_rng(0)
+    records = [{"image": rng.normal(size=(1, 16, 16)).astype(np.float32),
+                "label": (rng.random((1, 16, 16)) > 0.7).astype(np.float32)} for _ in range(8)]
+    crop = RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=(8, 8), num_samples=4)
+    ds = Dataset(records, transform=crop)
+    net = UNet(2, 1, 2, (4, 8), (2,), norm="instance")
+    trainer = DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(ds, batch_size=2),
+                                  network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                  loss_function=DiceCELoss(to_onehot_y=True, softmax=True), noise_multiplier=1.0,
+                                  max_grad_norm=1.0, target_delta=1e-2, sampling_seed=3)
+    seen = []
+    orig = trainer.grad_sampler.__call__
+
+    def spy(x, y, groups=None, num_groups=None, amp_dtype=None):
+        grads, losses, preds = orig(x, y, groups, num_groups, amp_dtype)
+        seen.append((x.shape[0], num_groups, next(iter(grads.values())).shape[0]))
+        return grads, losses, preds
+
+    trainer.grad_sampler = spy
+    trainer.run()
+    assert seen, "at least one non-empty batch"
+    for rows, items, grad_rows in seen:
+        assert rows == 4 * items == 4 * grad_rows
