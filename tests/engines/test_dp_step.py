@@ -188,3 +188,28 @@ def test_loss_is_per_sample_even_for_batch_reducing_losses():
         loss(net(x[i : i + 1]), y[i : i + 1]).backward()
         for name, p in net.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dice_ce_pre_noise_sum_is_bounded_by_items_times_clip():
+    """The failure measured with Opacus ghost mode (scalar DiceCELoss, norm 278.8 against a bound of 2) cannot occur."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, 2, (8, 16), (2,), norm="batch")
+    x = torch.randn(2, 1, 16, 16) * 50
+    y = torch.randint(0, 2, (2, 1, 16, 16))
+    data = [{"image": x[i], "label": y[i]} for i in range(2)] * 4
+    trainer = DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(data, batch_size=2),
+                                  network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                  loss_function=DiceCELoss(to_onehot_y=True, softmax=True), noise_multiplier=1.0,
+                                  max_grad_norm=0.1, target_delta=1e-2)
+    grads, _, _ = trainer.grad_sampler(x, y)
+    norms = torch.sqrt(sum((g.reshape(2, -1) ** 2).sum(1) for g in grads.values()))
+    assert (norms > 0.5).all(), "raw per-sample norms exceed C, so clipping matters here"
+    for name, p in trainer.dp_network_params:
+        p.grad_sample = grads[name]
+    trainer.optimizer.signal_skip_step(do_skip=True)
+    trainer.optimizer.step()
+    total = torch.sqrt(sum((p.summed_grad**2).sum() for _, p in trainer.dp_network_params))
+    assert float(total) <= 2 * 0.1 * (1 + 1e-5)
