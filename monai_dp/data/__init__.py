@@ -1,2 +1,15 @@
 from .collate import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, is_empty_batch
 from .poisson import dataset_length, loader_batch_size, make_poisson_loader, rebuild_loader
+
+__all__ = [
+    "EMPTY_BATCH_KEY",
+    "GROUP_KEY",
+    "DPCollate",
+    "GroupedBatch",
+    "get_row_groups",
+    "is_empty_batch",
+    "dataset_length",
+    "loader_batch_size",
+    "make_poisson_loader",
+    "rebuild_loader",
+]

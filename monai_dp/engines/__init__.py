@@ -1,1 +1,3 @@
 from .trainer import DPSupervisedTrainer
+
+__all__ = ["DPSupervisedTrainer"]

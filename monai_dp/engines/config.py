@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 from monai_dp.privacy import ACCOUNTANTS
@@ -96,12 +95,3 @@ def check_amp(amp: bool, amp_kwargs: dict | None):
         raise DPConfigurationError(error_message("amp_kwargs", "a subset of {'dtype', 'enabled', 'cache_enabled'}",
                                                  sorted(extra)))
     return dtype
-
-
-def steps_for(max_epochs: int, steps_per_epoch: int) -> int:
-    """Total number of logical steps of a run."""
-    return int(max_epochs) * int(steps_per_epoch)
-
-
-def is_finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

@@ -8,3 +8,16 @@ from .validation import (
     check_type,
     error_message,
 )
+
+__all__ = [
+    "DPConfigurationError",
+    "DPIncompatibleModuleError",
+    "PrivacyBudgetExhaustedError",
+    "check_choice",
+    "check_non_negative",
+    "check_open_unit_interval",
+    "check_positive",
+    "check_positive_int",
+    "check_type",
+    "error_message",
+]

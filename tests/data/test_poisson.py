@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, RandCropByPosNegLabeld

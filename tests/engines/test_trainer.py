@@ -52,7 +52,6 @@ def test_is_a_supervised_trainer_and_reports_epsilon():
 
 def test_noise_calibrated_from_target_epsilon():
     trainer = make_trainer(max_epochs=3, target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
-    sigma = trainer.privacy.noise_multiplier
     trainer.run()
     assert trainer.dp_steps == 30
     assert trainer.get_epsilon() <= 2.0
@@ -136,7 +135,6 @@ def test_works_with_evaluator_and_monai_handlers(tmp_path):
     from ignite.metrics import Accuracy
     from monai.handlers import from_engine
 
-    data = make_classification_data(n=40)
     val_loader = DataLoader(make_classification_data(n=12, seed=1), batch_size=4)
     trainer = make_trainer(max_epochs=2, target_delta=1e-3)
     evaluator = SupervisedEvaluator(

@@ -111,3 +111,20 @@ def test_groupnorm_groups_divide_channels():
     net = nn.Sequential(nn.Conv2d(1, 48, 3), nn.BatchNorm2d(48), nn.Conv2d(48, 6, 1), nn.BatchNorm2d(6))
     net, _ = make_private_compatible(net)
     assert (net[1].num_groups, net[3].num_groups) == (24, 3)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum().item() > 0:  # data-dependent control flow: cannot run per example under vmap
+            return x
+        return -x
+
+
+def test_failure_names_the_layer():
+    from monai_dp.utils.errors import DPIncompatibleModuleError
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.Identity(), _DataDependent()), nn.Flatten(),
+                        nn.LazyLinear(2))
+    net(torch.randn(1, 1, 8, 8))
+    with pytest.raises(DPIncompatibleModuleError, match=r"`1\.1`: per-sample gradients failed in _DataDependent"):
+        PerSampleGradients(net, nn.CrossEntropyLoss())(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
