@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from monai.utils import min_version, optional_import
 
+from monai_dp.handlers.utils import require_dict, require_dp_engine
 from monai_dp.utils.validation import error_message
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
@@ -43,9 +44,7 @@ class PrivacyAccountantHandler:
 
     def attach(self, engine: Engine) -> None:
         """Register on ``STARTED`` and ``ITERATION_COMPLETED``; attaching twice does nothing."""
-        if not hasattr(engine, "privacy"):
-            raise TypeError(error_message("engine", "a DP trainer (with a `privacy` state)", type(engine).__name__,
-                                          "Attach it to monai_dp.engines.DPSupervisedTrainer."))
+        require_dp_engine(engine)
         self._engine = engine
         if self._pending is not None:
             engine.privacy.load_state_dict(self._pending)
@@ -72,8 +71,7 @@ class PrivacyAccountantHandler:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the accounting; applied at ``attach`` when not attached yet."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(error_message("state_dict", "a dict", type(state_dict).__name__))
+        require_dict(state_dict)
         if self._engine is not None:
             self._engine.privacy.load_state_dict(state_dict)
         else:

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from monai.utils import min_version, optional_import
 
-from monai_dp.utils.validation import check_positive, error_message
+from monai_dp.handlers.utils import require_dict, require_dp_engine
+from monai_dp.utils.validation import check_positive
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
 if TYPE_CHECKING:
@@ -38,9 +39,7 @@ class PrivacyBudgetHandler:
 
     def attach(self, engine: Engine) -> None:
         """Register on ``ITERATION_STARTED``; attaching twice does nothing."""
-        if not hasattr(engine, "privacy"):
-            raise TypeError(error_message("engine", "a DP trainer (with a `privacy` state)", type(engine).__name__,
-                                          "Attach it to monai_dp.engines.DPSupervisedTrainer."))
+        require_dp_engine(engine)
         if self.logger is None:
             self.logger = engine.logger
         if not engine.has_event_handler(self, Events.ITERATION_STARTED):
@@ -69,7 +68,6 @@ class PrivacyBudgetHandler:
         return {"target_epsilon": self.target_epsilon, "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict):
-            raise TypeError(error_message("state_dict", "a dict", type(state_dict).__name__))
+        require_dict(state_dict)
         self.target_epsilon = state_dict.get("target_epsilon", self.target_epsilon)
         self.stopped_at = state_dict.get("stopped_at")
