@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from monai_dp.data.collate import DPCollate
 from monai_dp.utils.validation import error_message
@@ -88,5 +88,10 @@ def make_poisson_loader(
     n = dataset_length(loader)
     if not 0 < sample_rate <= 1:
         raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
+    original = getattr(loader, "sampler", None)
+    if original is not None and not isinstance(original, (SequentialSampler, RandomSampler)):
+        logger.warning("The loader's %s is replaced by Poisson sampling (each item with probability %.4g); "
+                       "DP accounting needs it. Reweight classes in the loss instead.", type(original).__name__,
+                       sample_rate)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator)
     return rebuild_loader(loader, sampler)

@@ -95,3 +95,15 @@ def test_multi_crop_trainer_clips_per_image():
     assert seen, "at least one non-empty batch"
     for rows, items, grad_rows in seen:
         assert rows == 4 * items == 4 * grad_rows
+
+
+def test_replacing_a_custom_sampler_is_logged(caplog):
+    import logging
+
+    from torch.utils.data import WeightedRandomSampler
+
+    data = list(range(20))
+    loader = DataLoader(data, batch_size=4, sampler=WeightedRandomSampler([1.0] * 20, 20))
+    with caplog.at_level(logging.WARNING):
+        make_poisson_loader(loader, 0.2)
+    assert "WeightedRandomSampler is replaced by Poisson sampling" in caplog.text
