@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ignite").setLevel(logging.WARNING)
     res = run_demo(args.target_epsilon, args.noise_multiplier, args.max_epochs, args.n_train, args.batch_size,
                    args.accountant, args.seed)
     why = "the privacy budget was reached" if res["stopped_by_budget"] else "max_epochs was reached"

@@ -253,7 +253,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if not engine.privacy.allows_step():
             raise PrivacyBudgetExhaustedError(engine.privacy.exhausted_message())
         engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        engine._reset_accumulators()
         if is_empty_batch(batchdata):
             return engine._noise_only_step()
         inputs, targets, groups = engine._unpack(batchdata)
@@ -302,6 +302,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
                               "A prepare_batch that adds or drops rows breaks per-item clipping.")
             )
         return inputs, targets, groups.to(device=inputs.device, dtype=torch.long)
+
+    def _reset_accumulators(self) -> None:
+        """Start a logical step from nothing: no clipped sum may survive from an interrupted step."""
+        self.optimizer._is_last_step_skipped = False
+        self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        for _, p in self.dp_network_params:
+            p.summed_grad = None
+            p.grad_sample = None
 
     def _noisy_step(self) -> None:
         self.optimizer.signal_skip_step(do_skip=False)

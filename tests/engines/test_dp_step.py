@@ -213,3 +213,29 @@ def test_dice_ce_pre_noise_sum_is_bounded_by_items_times_clip():
     trainer.optimizer.step()
     total = torch.sqrt(sum((p.summed_grad**2).sum() for _, p in trainer.dp_network_params))
     assert float(total) <= 2 * 0.1 * (1 + 1e-5)
+
+
+def test_an_interrupted_step_leaves_nothing_behind():
+    """Clipped sums of a step that failed half-way must not leak into the next step's update."""
+    data = make_classification_data(n=40)
+    batch = _batch(data, list(range(6)))
+    trainer = _trainer(TinyClassifier(), data, batch_size=4, max_physical_batch_size=2)
+    calls = {"n": 0}
+    real = trainer.grad_sampler
+
+    def failing_second_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure")
+        return real(*args, **kwargs)
+
+    trainer.grad_sampler = failing_second_chunk
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        _run_one_iteration(trainer, batch)
+    assert trainer.dp_steps == 0
+    trainer.grad_sampler = real
+    fresh = _trainer(TinyClassifier(), data, batch_size=4, max_physical_batch_size=2)
+    _run_one_iteration(trainer, batch)
+    _run_one_iteration(fresh, batch)
+    for a, b in zip(trainer.network.parameters(), fresh.network.parameters()):
+        torch.testing.assert_close(a, b)
