@@ -172,6 +172,12 @@ class DPSupervisedTrainer(SupervisedTrainer):
     def _prepare_network(network: torch.nn.Module, make_compatible: bool) -> torch.nn.Module:
         if not isinstance(network, torch.nn.Module):
             raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
+        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            raise DPConfigurationError(
+                error_message("network", "an unwrapped module with DP training", type(network).__name__,
+                              "DDP averages raw gradients, which bypasses per-sample clipping and noise; "
+                              "pass the plain network (multi-process DP training is not supported yet).")
+            )
         if make_compatible:
             network, report = make_private_compatible(network)
             if len(report):
