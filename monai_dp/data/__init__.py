@@ -13,3 +13,4 @@ __all__ = [
     "make_poisson_loader",
     "rebuild_loader",
 ]
+from ._quick import CheckLabelRanged, load_datalist, make_synthetic_dataset  # TEMP until the datalist module lands

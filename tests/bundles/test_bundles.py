@@ -1,0 +1,119 @@
+"""Every bundle trains with DP, evaluates and infers through MONAI's bundle runner, on CPU with tiny overrides."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLES = ["dp_classification_2d", "dp_classification_3d", "dp_segmentation_2d", "dp_segmentation_3d"]
+SCHEMA = REPO / "configs" / "schema" / "metadata_schema.json"
+TINY = {
+    "dp_classification_2d": {"synthetic_items": 40, "synthetic_size": 32, "image_size": [32, 32], "batch_size": 8},
+    "dp_classification_3d": {"synthetic_items": 30, "synthetic_size": 16, "image_size": [16, 16, 16], "batch_size": 6},
+    "dp_segmentation_2d": {"synthetic_items": 20, "synthetic_size": 48, "patch_size": [32, 32], "batch_size": 4},
+    "dp_segmentation_3d": {"synthetic_items": 14, "synthetic_size": 32, "patch_size": [16, 16, 16], "batch_size": 3},
+}
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    root = tmp_path / name
+    shutil.copytree(REPO / "bundles" / name, root)
+    return root
+
+
+def _run(root: Path, files: list[str], **override):
+    from monai.bundle import run
+
+    config_file = [str(root / "configs" / f) for f in files]
+    run(config_file=config_file if len(config_file) > 1 else config_file[0], bundle_root=str(root),
+        logging_file=str(root / "configs" / "logging.conf"), **override)
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_verify_metadata_and_net_in_out(name):
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    configs = REPO / "bundles" / name / "configs"
+    verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(SCHEMA))
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "train.json"), device="cpu", n=2)
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_monai_label_ids_exist(name):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.json"))
+    for key in ("train#trainer#max_epochs", "train#dataset#data", "train#handlers", "validate#dataset#data",
+                "target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm", "accountant", "dataset_dir"):
+        assert key in parser, key
+    assert parser["train#trainer#_target_"] == "monai_dp.engines.DPSupervisedTrainer"
+    assert isinstance(parser["train#handlers"], list)
+
+
+@pytest.mark.bundle
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLES)
+def test_train_evaluate_infer(name, tmp_path):
+    from monai.bundle import verify_metadata
+
+    root = _copy(name, tmp_path)
+    _run(root, ["train.json"], max_epochs=1, target_epsilon=5.0, **TINY[name])
+    report = json.loads((root / "models" / "privacy_report.json").read_text())
+    assert 0 < report["epsilon"] <= 5.0 and report["steps"] > 0 and report["unit"] == "record"
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["privacy"]["epsilon"] == report["epsilon"]
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    assert (root / "models" / "model.pt").exists()
+    ckpt = torch.load(root / "models" / "checkpoint_final.pt", weights_only=True)
+    assert ckpt["trainer"]["privacy"]["accountant"]["history"]
+
+    tiny_eval = {k: v for k, v in TINY[name].items() if k != "batch_size"}
+    _run(root, ["train.json", "evaluate.json"], **tiny_eval)
+    assert (root / "eval" / "metrics.csv").exists()
+
+    tiny_infer = {k: v for k, v in TINY[name].items() if k not in ("batch_size",)}
+    _run(root, ["inference.json"], **tiny_infer)
+    if "classification" in name:
+        rows = list(csv.reader(open(root / "eval" / "predictions.csv")))
+        assert rows and all(abs(sum(float(x) for x in r[1:]) - 1) < 1e-4 for r in rows)
+    else:
+        assert list((root / "eval").glob("*_seg.nii.gz"))
+
+
+@pytest.mark.bundle
+@pytest.mark.slow
+def test_segmentation_masks_keep_the_input_affine(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from monai.data import create_test_image_3d
+
+    data = tmp_path / "data"
+    data.mkdir()
+    affine = np.diag([2.0, 1.5, 1.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    records = []
+    for i in range(8):
+        img, seg = create_test_image_3d(24, 24, 24, num_objs=2, rad_max=7, num_seg_classes=1,
+                                        random_state=np.random.RandomState(i))
+        nib.save(nib.Nifti1Image(img.astype(np.float32), affine), str(data / f"i{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(seg.astype(np.uint8), affine), str(data / f"l{i}.nii.gz"))
+        records.append({"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz"})
+    (data / "dataset.json").write_text(json.dumps({"training": records[:6], "test": records[6:]}))
+    root = _copy("dp_segmentation_3d", tmp_path)
+    _run(root, ["train.json"], max_epochs=1, dataset_dir=str(data), patch_size=[16, 16, 16], batch_size=3,
+         target_delta=1e-3)
+    _run(root, ["inference.json"], dataset_dir=str(data), patch_size=[16, 16, 16])
+    out = sorted((root / "eval").glob("*_seg.nii.gz"))
+    assert len(out) == 2
+    for f in out:
+        saved = nib.load(str(f))
+        np.testing.assert_allclose(saved.affine, affine, atol=1e-4)
+        assert saved.shape[:3] == (24, 24, 24)
