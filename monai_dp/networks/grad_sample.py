@@ -20,14 +20,18 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
+import logging
+
 import torch
 from torch import nn
-from torch.func import vmap
+from torch.func import grad, vmap
 
 from monai_dp.utils.errors import DPIncompatibleModuleError
-from monai_dp.utils.validation import error_message
+from monai_dp.utils.validation import check_choice, error_message
 
 __all__ = ["PerSampleGradients", "per_sample_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 def per_sample_loss(value: torch.Tensor) -> torch.Tensor:
@@ -57,10 +61,14 @@ class PerSampleGradients:
         inferer: called as ``inferer(inputs, network_fn)``; ``None`` calls the network directly.
     """
 
-    def __init__(self, network: nn.Module, loss_function: Callable, inferer: Callable | None = None) -> None:
+    METHODS = ("auto", "vmap_grad", "expanded")
+
+    def __init__(self, network: nn.Module, loss_function: Callable, inferer: Callable | None = None,
+                 method: str = "auto") -> None:
         self.network = network
         self.loss_function = loss_function
         self.inferer = inferer
+        self.method = check_choice("method", method, self.METHODS)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
@@ -126,26 +134,24 @@ class PerSampleGradients:
         """
         rows = inputs.shape[0]
         trainable = self.trainable()
-        batched = {n: p.detach().unsqueeze(0).expand(rows, *p.shape).requires_grad_() for n, p in trainable.items()}
         ctx = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        try:
-            with ctx:
-                preds = self._forward(batched, inputs)
-        except RuntimeError as e:
-            raise self._explain_failure(e, inputs) from e
-        except (ValueError, TypeError) as e:
-            raise self._explain_failure(e, inputs) from e
-        with ctx:
-            losses = torch.stack([
-                per_sample_loss(self.loss_function(preds[i], targets[i : i + 1] if targets is not None else None))
-                for i in range(rows)
-            ])
-        names = list(batched)
-        row_grads = torch.autograd.grad(losses.sum(), [batched[n] for n in names], allow_unused=True)
-        preds = preds.detach().reshape(rows, *preds.shape[2:])
+        row_grads = None
+        if self.method == "auto":
+            try:
+                row_grads, losses, preds = self._vmap_grad(trainable, inputs, targets, ctx)
+            except Exception as e:  # noqa: BLE001 - any failure: use the method that works with every loss
+                logger.info("Per-sample gradients: vmap(grad) failed (%s: %s); using expanded weights.",
+                            type(e).__name__, str(e).splitlines()[0][:120])
+                self.method = "expanded"
+            else:
+                self.method = "vmap_grad"
+        elif self.method == "vmap_grad":
+            row_grads, losses, preds = self._vmap_grad(trainable, inputs, targets, ctx)
+        if row_grads is None:
+            row_grads, losses, preds = self._expanded(trainable, inputs, targets, ctx)
         g = rows if groups is None else (int(groups.max().item()) + 1 if num_groups is None else int(num_groups))
         grads = {}
-        for name, rg in zip(names, row_grads):
+        for name, rg in row_grads.items():
             shape = trainable[name].shape
             if rg is None:
                 grads[name] = torch.zeros((g, *shape), dtype=torch.float32, device=inputs.device)
@@ -157,6 +163,49 @@ class PerSampleGradients:
                 out = torch.zeros((g, *shape), dtype=rg.dtype, device=rg.device)
                 grads[name] = out.index_add_(0, groups.to(rg.device), rg)
         return grads, losses.detach(), preds
+
+    def _expanded(self, trainable, inputs, targets, ctx):
+        """Expanded weights: one batched forward (each row alone), the loss per row outside ``vmap``."""
+        rows = inputs.shape[0]
+        batched = {n: p.detach().unsqueeze(0).expand(rows, *p.shape).requires_grad_() for n, p in trainable.items()}
+        try:
+            with ctx:
+                preds = self._forward(batched, inputs)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise self._explain_failure(e, inputs) from e
+        with ctx:
+            losses = torch.stack([
+                per_sample_loss(self.loss_function(preds[i], targets[i : i + 1] if targets is not None else None))
+                for i in range(rows)
+            ])
+        names = list(batched)
+        grads = torch.autograd.grad(losses.sum(), [batched[n] for n in names], allow_unused=True)
+        return dict(zip(names, grads)), losses.detach(), preds.detach().reshape(rows, *preds.shape[2:])
+
+    def _vmap_grad(self, trainable, inputs, targets, ctx):
+        """``vmap(grad(loss))``: faster where the loss itself can run under ``vmap`` (cross-entropy, MSE)."""
+        network, loss_function, inferer = self.network, self.loss_function, self.inferer
+        params = {n: p.detach() for n, p in trainable.items()}
+        slots = self._locations()
+
+        def row_loss(p, x, y):
+            saved = [(store, attr, store[attr]) for name in p for store, attr in slots[name]]
+            try:
+                for name, t in p.items():
+                    for store, attr in slots[name]:
+                        store[attr] = t
+                with ctx:
+                    x1 = x.unsqueeze(0)
+                    pred = inferer(x1, network) if inferer is not None else network(x1)
+                    loss = per_sample_loss(loss_function(pred, y.unsqueeze(0)))
+            finally:
+                for store, attr, orig in reversed(saved):
+                    store[attr] = orig
+            return loss, (loss.detach(), pred.detach())
+
+        fn = vmap(grad(row_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+        grads, (losses, preds) = fn(params, inputs, targets)
+        return grads, losses, preds.reshape(inputs.shape[0], *preds.shape[2:])
 
     def _explain_failure(self, error: Exception, inputs: torch.Tensor) -> Exception:
         """Re-run one example with module hooks to name the innermost layer where the failure happened."""
