@@ -26,7 +26,16 @@ def make_synthetic_dataset(out_dir, task, spatial_dims, num_items=40, size=None,
     n_test = max(2, num_items // 10)
     json.dump({"training": recs[:-n_test], "test": recs[-n_test:]}, open(f"{out_dir}/dataset.json", "w"))
     return out_dir
+def _npz(path):
+    z = np.load(path)
+    out = {}
+    for split, key in (("training", "train"), ("validation", "val"), ("test", "test")):
+        x = z[f"{key}_images"]; y = z[f"{key}_labels"].reshape(-1)
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        out[split] = [{"image": x[i][None], "label": int(y[i])} for i in range(len(x))]
+    return out
 def load_datalist(dataset_dir, task, num_classes, spatial_dims, val_fraction=0.2, test_fraction=0.0, seed=0, check="header"):
+    if str(dataset_dir).endswith(".npz"): return _npz(dataset_dir)
     d = json.load(open(os.path.join(dataset_dir, "dataset.json")))
     def fix(r):
         r = dict(r)
