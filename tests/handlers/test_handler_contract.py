@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
-from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler
+from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler, PrivacyReportHandler
 from tests.engines.test_trainer import make_trainer
 
-HANDLERS = [PrivacyAccountantHandler, PrivacyBudgetHandler]
+
+class _Report(PrivacyReportHandler):
+    """PrivacyReportHandler with a default report path, so the contract suite can build it without arguments."""
+
+    def __init__(self):
+        import tempfile
+
+        super().__init__(report_file=tempfile.mkdtemp() + "/privacy_report.json")
+
+
+HANDLERS = [PrivacyAccountantHandler, PrivacyBudgetHandler, _Report]
 
 
 def _count(engine, handler_type):
-    return sum(isinstance(h, handler_type) for ev in engine._event_handlers for h, *_ in engine._event_handlers[ev])
+    return sum(isinstance(getattr(h, "__self__", h), handler_type)
+               for ev in engine._event_handlers for h, *_ in engine._event_handlers[ev])
 
 
 @pytest.mark.parametrize("cls", HANDLERS)
@@ -37,7 +48,8 @@ def test_state_is_plain_and_round_trips(cls, tmp_path):
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
     fresh = cls()
     fresh.load_state_dict(loaded)
-    assert fresh.state_dict() == handler.state_dict() or isinstance(fresh, PrivacyAccountantHandler)
+    if not isinstance(fresh, _Report):
+        assert fresh.state_dict() == handler.state_dict() or isinstance(fresh, PrivacyAccountantHandler)
     if isinstance(fresh, PrivacyAccountantHandler):
         other = make_trainer(target_delta=1e-3, target_epsilon=50.0)
         fresh.attach(other)
@@ -54,6 +66,37 @@ def test_refuses_a_non_dp_engine(cls):
 def test_load_state_dict_type_checked(cls):
     with pytest.raises(TypeError, match=r"`state_dict` must be a dict, got 'list'"):
         cls().load_state_dict([1, 2])
+
+
+def test_report_handler_writes_report_and_metadata_keeping_other_keys(tmp_path):
+    import json
+
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps({"version": "0.1.0", "privacy": {"unit": "record", "note": "kept"}}))
+    handler = PrivacyReportHandler(report_file=str(tmp_path / "models" / "report.json"), meta_file=str(meta))
+    trainer = make_trainer(target_delta=1e-3, handlers=[handler])
+    trainer.run()
+    report = json.loads((tmp_path / "models" / "report.json").read_text())
+    assert report["steps"] == trainer.dp_steps and report["epsilon"] == trainer.get_epsilon()
+    assert report["noise_multiplier"] == 1.0 and report["sample_rate"] == pytest.approx(0.1)
+    saved = json.loads(meta.read_text())
+    assert saved["version"] == "0.1.0" and saved["privacy"]["note"] == "kept"
+    assert saved["privacy"]["epsilon"] == report["epsilon"]
+
+
+def test_report_handler_writes_on_failure_and_reraises(tmp_path):
+    handler = PrivacyReportHandler(report_file=str(tmp_path / "report.json"))
+    trainer = make_trainer(target_delta=1e-3, handlers=[handler])
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=3))
+    def _boom(engine):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+    import json
+
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 3
 
 
 def test_budget_handler_own_cap_is_smaller_budget():
