@@ -1,5 +1,12 @@
 from .collate import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, is_empty_batch
-from .poisson import dataset_length, loader_batch_size, make_poisson_loader, rebuild_loader
+from .poisson import (
+    DistributedPoissonBatchSampler,
+    dataset_length,
+    loader_batch_size,
+    make_distributed_poisson_loader,
+    make_poisson_loader,
+    rebuild_loader,
+)
 
 __all__ = [
     "EMPTY_BATCH_KEY",
@@ -12,5 +19,7 @@ __all__ = [
     "loader_batch_size",
     "make_poisson_loader",
     "rebuild_loader",
+    "DistributedPoissonBatchSampler",
+    "make_distributed_poisson_loader",
 ]
 from ._quick import CheckLabelRanged, load_datalist, make_synthetic_dataset  # TEMP until the datalist module lands

@@ -18,7 +18,10 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from monai_dp.data.collate import DPCollate
 from monai_dp.utils.validation import error_message
 
-__all__ = ["dataset_length", "loader_batch_size", "make_poisson_loader", "rebuild_loader"]
+__all__ = [
+    "dataset_length", "loader_batch_size", "make_poisson_loader", "rebuild_loader", "DistributedPoissonBatchSampler",
+    "make_distributed_poisson_loader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,4 +97,58 @@ def make_poisson_loader(
                        "DP accounting needs it. Reweight classes in the loss instead.", type(original).__name__,
                        sample_rate)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator)
+    return rebuild_loader(loader, sampler)
+
+
+class DistributedPoissonBatchSampler:
+    """Poisson sampling across processes: each rank holds the items ``rank::world_size`` and draws every one of
+    them independently with probability ``sample_rate``, so over all ranks each item is in a step with probability
+    ``sample_rate``, as the accountant assumes.
+
+    Unlike Opacus' ``DistributedUniformWithReplacementSampler`` it yields empty local batches too, so every rank
+    takes the same number of steps (the gradient all-reduce needs every rank at every step).
+
+    Args:
+        num_samples: dataset size N (over all ranks).
+        sample_rate: probability q of each item per step.
+        rank, world_size: this process and the number of processes.
+        generator: a generator of this rank; must differ between ranks (see ``make_poisson_loader``).
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, rank: int, world_size: int,
+                 generator: torch.Generator | None = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(error_message("rank", f"in [0, world_size = {world_size})", rank))
+        self.num_samples = int(num_samples)
+        self.sample_rate = float(sample_rate)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.generator = generator
+        self.indices = torch.arange(self.rank, self.num_samples, self.world_size)
+        self.steps = int(1 / self.sample_rate)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            mask = torch.rand(len(self.indices), generator=self.generator) < self.sample_rate
+            yield self.indices[mask].tolist()
+
+
+def _rank_generator(sampling_seed: int | None, rank: int) -> torch.Generator:
+    gen = torch.Generator()
+    if sampling_seed is None:
+        gen.seed()  # fresh OS entropy: independent between ranks
+    else:
+        gen.manual_seed(int(sampling_seed) * 1_000_003 + rank)
+    return gen
+
+
+def make_distributed_poisson_loader(loader: DataLoader, sample_rate: float, rank: int, world_size: int,
+                                    sampling_seed: int | None = None) -> DataLoader:
+    """Rebuild ``loader`` with :class:`DistributedPoissonBatchSampler` for this rank."""
+    n = dataset_length(loader)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
+    sampler = DistributedPoissonBatchSampler(n, sample_rate, rank, world_size, _rank_generator(sampling_seed, rank))
     return rebuild_loader(loader, sampler)

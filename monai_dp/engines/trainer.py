@@ -11,11 +11,11 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch.utils.data import DataLoader
 
 from monai_dp.data import dataset_length, get_row_groups, is_empty_batch, loader_batch_size, make_poisson_loader
-from monai_dp.data.poisson import rebuild_loader
+from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.privacy_state import PrivacyState
 from monai_dp.losses import check_per_sample_loss
@@ -115,8 +115,16 @@ class DPSupervisedTrainer(SupervisedTrainer):
             raise ValueError(error_message("batch_size * accumulation_steps", f"<= the dataset size N = {num_items}",
                                            logical, "Lower the batch size."))
         sample_rate = logical / num_items
-        loader, sampling = self._make_loader(train_data_loader, sample_rate, poisson_sampling,
-                                             allow_non_poisson_sampling, sampling_seed)
+        rank, world = _dist_rank_world()
+        if world > 1:
+            if not poisson_sampling:
+                raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
+                                                         poisson_sampling))
+            loader, sampling = make_distributed_poisson_loader(train_data_loader, sample_rate, rank, world,
+                                                               sampling_seed), "poisson"
+        else:
+            loader, sampling = self._make_loader(train_data_loader, sample_rate, poisson_sampling,
+                                                 allow_non_poisson_sampling, sampling_seed)
         steps_per_epoch = epoch_length if epoch_length is not None else len(loader)
         delta = resolve_delta(settings.target_delta, num_items)
 
@@ -129,10 +137,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
         generator = None
         if noise_seed is not None:
             generator = torch.Generator(device=torch.device(device)).manual_seed(int(noise_seed))
-        dp_optimizer = DPOptimizer(
+        opt_cls = DistributedDPOptimizer if world > 1 else DPOptimizer
+        if world > 1:
+            _broadcast_parameters(network)
+        # per process: each rank divides by its expected share; the all-reduce then averages over ranks
+        dp_optimizer = opt_cls(
             optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer,
             noise_multiplier=self.privacy.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=logical, loss_reduction="mean", generator=generator, secure_mode=secure_mode,
+            expected_batch_size=logical / world, loss_reduction="mean", generator=generator, secure_mode=secure_mode,
         )
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
 
@@ -175,8 +187,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             raise DPConfigurationError(
                 error_message("network", "an unwrapped module with DP training", type(network).__name__,
-                              "DDP averages raw gradients, which bypasses per-sample clipping and noise; "
-                              "pass the plain network (multi-process DP training is not supported yet).")
+                              "DDP averages raw gradients, which bypasses per-sample clipping and noise; pass the "
+                              "plain network: under torchrun the DP trainer all-reduces the clipped, noised sums.")
             )
         if make_compatible:
             network, report = make_private_compatible(network)
@@ -333,6 +345,21 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self._noisy_step()
         self.logger.debug("Empty Poisson batch: took a noise-only step.")
         return self.state.output
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast_parameters(network: torch.nn.Module) -> None:
+    """Start every rank from rank 0's weights (each rank steps its own copy with the same all-reduced update)."""
+    with torch.no_grad():
+        for p in network.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+        for b in network.buffers():
+            torch.distributed.broadcast(b, src=0)
 
 
 def _item_chunks(groups: torch.Tensor, num_items: int, size: int) -> list[tuple[int, int, int, int]]:

@@ -96,6 +96,10 @@ class PrivacyReportHandler:
         self.write(engine)
 
     def write(self, engine: Engine) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # every rank holds the same accounting; rank 0 writes it
         report = privacy_report(engine)
         _write_json_atomic(self.report_file, report)
         if self.meta_file is not None:

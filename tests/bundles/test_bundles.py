@@ -117,3 +117,27 @@ def test_segmentation_masks_keep_the_input_affine(tmp_path):
         saved = nib.load(str(f))
         np.testing.assert_allclose(saved.affine, affine, atol=1e-4)
         assert saved.shape[:3] == (24, 24, 24)
+
+
+@pytest.mark.bundle
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_multi_gpu_config_runs_under_torchrun_on_cpu(tmp_path):
+    """multi_gpu_train.json with two processes (gloo on CPU here, NCCL on GPUs): one DP run, one report."""
+    import subprocess
+    import sys
+
+    root = _copy("dp_segmentation_2d", tmp_path)
+    data = tmp_path / "data"
+    # generate the data once, before the two processes start
+    from monai_dp.data import make_synthetic_dataset
+
+    make_synthetic_dataset(str(data), "segmentation", 2, num_items=20, size=48)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+           "--config_file", f"['{root}/configs/train.json','{root}/configs/multi_gpu_train.json']",
+           "--bundle_root", str(root), "--dataset_dir", str(data), "--max_epochs", "1", "--patch_size", "[32,32]",
+           "--batch_size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((root / "models" / "privacy_report.json").read_text())
+    assert report["steps"] == int(1 / report["sample_rate"]) and report["epsilon"] > 0
