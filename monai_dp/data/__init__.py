@@ -1,4 +1,7 @@
+from .checks import CheckLabelRanged
 from .collate import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, is_empty_batch
+from .datalist import load_datalist
+from .synthetic import make_synthetic_dataset
 from .poisson import (
     DistributedPoissonBatchSampler,
     dataset_length,
@@ -21,5 +24,7 @@ __all__ = [
     "rebuild_loader",
     "DistributedPoissonBatchSampler",
     "make_distributed_poisson_loader",
+    "CheckLabelRanged",
+    "load_datalist",
+    "make_synthetic_dataset",
 ]
-from ._quick import CheckLabelRanged, load_datalist, make_synthetic_dataset  # TEMP until the datalist module lands

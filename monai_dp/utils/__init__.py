@@ -1,4 +1,4 @@
-from .errors import DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
+from .errors import DatasetError, DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
 from .validation import (
     check_choice,
     check_non_negative,
@@ -10,6 +10,7 @@ from .validation import (
 )
 
 __all__ = [
+    "DatasetError",
     "DPConfigurationError",
     "DPIncompatibleModuleError",
     "PrivacyBudgetExhaustedError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PrivacyBudgetExhaustedError", "DPIncompatibleModuleError", "DPConfigurationError"]
+__all__ = ["PrivacyBudgetExhaustedError", "DPIncompatibleModuleError", "DPConfigurationError", "DatasetError"]
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
@@ -26,3 +26,7 @@ class DPIncompatibleModuleError(ValueError):
             f"`network` must be compatible with per-sample gradients, got {len(self.offenders)} "
             "incompatible layer(s):\n" + "\n".join(lines)
         )
+
+
+class DatasetError(ValueError):
+    """Raised when a dataset cannot be used as given; the message names the file, the record and the problem."""

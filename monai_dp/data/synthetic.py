@@ -1,0 +1,85 @@
+"""Synthetic data sets the bundles train on when no ``--dataset_dir`` is given, written as real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from monai_dp.utils.validation import check_choice, check_positive_int, error_message
+
+__all__ = ["make_synthetic_dataset"]
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: int, num_items: int = 40,
+                           size: int | None = None, num_classes: int = 2, seed: int = 0,
+                           patients: bool = True) -> str:
+    """Write NIfTI images (and masks) and a decathlon-style ``dataset.json`` into ``out_dir``; return ``out_dir``.
+
+    Classification: class ``c > 0`` images hold a bright ball whose radius grows with ``c``; class 0 only noise.
+    Segmentation: ``monai.data.create_test_image_2d/3d`` images with binary masks. Two records per patient
+    (``patient_id``) when ``patients``. About 10 % of the records form a ``"test"`` list.
+
+    Generated once: if ``out_dir/dataset.json`` exists nothing is written. The files are written to a temporary
+    folder that is renamed into place, so concurrent processes (``torchrun``) never read a half-written set.
+    """
+    task = check_choice("task", task, ("classification", "segmentation"))
+    if spatial_dims not in (2, 3):
+        raise ValueError(error_message("spatial_dims", "2 or 3", spatial_dims))
+    check_positive_int("num_items", num_items)
+    size = size or (64 if spatial_dims == 2 else 32)
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(os.path.join(out_dir, "dataset.json")):
+        return out_dir
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic-")
+    try:
+        records = _write(tmp, task, spatial_dims, num_items, size, num_classes, seed, patients)
+        n_test = max(2, num_items // 10)
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump({"name": f"synthetic {spatial_dims}D {task}", "training": records[:-n_test],
+                       "test": records[-n_test:]}, f, indent=1)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first, or out_dir exists without a dataset.json
+            if not os.path.exists(os.path.join(out_dir, "dataset.json")):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _write(folder: str, task: str, dims: int, n: int, size: int, num_classes: int, seed: int,
+           patients: bool) -> list[dict]:
+    import nibabel as nib
+    from monai.data import create_test_image_2d, create_test_image_3d
+
+    rs = np.random.RandomState(seed)
+    grid = np.indices((size,) * dims)
+    records = []
+    for i in range(n):
+        rec: dict = {"image": f"img{i:04d}.nii.gz"}
+        if task == "segmentation":
+            make = create_test_image_2d if dims == 2 else create_test_image_3d
+            img, seg = make(*((size,) * dims), num_objs=3, rad_max=max(size // 6, 6), rad_min=4,
+                            num_seg_classes=1, noise_max=0.3, random_state=rs)
+            nib.save(nib.Nifti1Image(seg.astype(np.uint8), np.eye(4)), os.path.join(folder, f"seg{i:04d}.nii.gz"))
+            rec["label"] = f"seg{i:04d}.nii.gz"
+        else:
+            label = i % num_classes
+            img = rs.normal(0.0, 1.0, (size,) * dims)
+            if label:
+                centre = rs.randint(size // 3, 2 * size // 3, size=dims)
+                radius = size / 8 * (1 + 0.5 * (label - 1))
+                img += 1.5 * (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2)
+            rec["label"] = int(label)
+        nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), os.path.join(folder, rec["image"]))
+        if patients:
+            rec["patient_id"] = f"patient{i // 2:04d}"
+        records.append(rec)
+    return records
