@@ -1,7 +1,7 @@
 """Fashion-MNIST with the dp_classification_2d bundle: DP (ε = 3, δ = 1e-5) against the same network without DP.
 
 Reads the idx files of Fashion-MNIST (Debian's ``dataset-fashion-mnist`` puts them in
-/usr/share/datasets/fashion-mnist), writes them as a MedMNIST-format .npz (55k train, 5k validation
+/usr/share/datasets/fashion-mnist), writes them as a MedMNIST-format .npz (59k train, 1k validation
 from the training set, the 10k test set), trains the bundle with its Fashion-MNIST recipe
 (``configs/fashion_mnist.json`` over ``configs/train.json``) through MONAI's ``ConfigWorkflow``,
 evaluates the best-validation checkpoint on the test set with ``configs/evaluate.json``, does the same
@@ -106,11 +106,12 @@ def main() -> None:
     ap.add_argument("--nondp-batch", type=int, default=256)
     ap.add_argument("--skip-nondp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-val", type=int, default=1000, help="validation images held out of the 60k training set")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
-    npz = write_npz(Path(args.data), out, n_val=5000, seed=args.seed)
+    npz = write_npz(Path(args.data), out, n_val=args.n_val, seed=args.seed)
     results = []
     dp_over = {"seed": args.seed}
     if args.epochs:
