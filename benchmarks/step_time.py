@@ -95,7 +95,7 @@ def measure(name, build, kind, d, batch, size, device, repeats):
         dp_opt.step()
 
     t_dp = time_steps(dp_step, device, repeats=repeats)
-    return t_plain, t_dp
+    return t_plain, t_dp, sampler.method
 
 
 def main():
@@ -116,10 +116,11 @@ def main():
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {dev_name}; torch {torch.__version__}, monai {monai.__version__}, opacus {opacus.__version__}")
-    print("per-sample gradients: monai_dp vmap + expanded weights (whole network); same GroupNorm network for both")
+    print("per-sample gradients: monai_dp whole-network torch.func (method chosen automatically); "
+          "same GroupNorm network for both; cross-entropy for classification, DiceCE for segmentation")
     print()
-    print("| network | dims | input | batch | non-DP s/step | DP s/step | DP / non-DP |")
-    print("|---|---|---|---|---|---|---|")
+    print("| network | dims | input | batch | per-sample method | non-DP s/step | DP s/step | DP / non-DP |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.networks:
         kind, build = ("cls", CLS[name]) if name in CLS else ("seg", SEG[name])
         for d in args.dims:
@@ -128,12 +129,12 @@ def main():
             if name == "UNETR":
                 size = 32
             try:
-                t_plain, t_dp = measure(name, build, kind, d, batch, size, device, args.repeats)
-                print(f"| {name} | {d}D | {size}^{d} | {batch} | {t_plain:.3f} | {t_dp:.3f} | {t_dp / t_plain:.2f} |",
-                      flush=True)
+                t_plain, t_dp, method = measure(name, build, kind, d, batch, size, device, args.repeats)
+                print(f"| {name} | {d}D | {size}^{d} | {batch} | {method} | {t_plain:.3f} | {t_dp:.3f} | "
+                      f"{t_dp / t_plain:.2f} |", flush=True)
             except Exception as e:  # noqa: BLE001 - a benchmark reports failures as rows
-                print(f"| {name} | {d}D | {size}^{d} | {batch} | - | - | failed: {type(e).__name__}: {str(e)[:60]} |",
-                      flush=True)
+                print(f"| {name} | {d}D | {size}^{d} | {batch} | - | - | - | failed: {type(e).__name__}: "
+                      f"{str(e)[:60]} |", flush=True)
 
 
 if __name__ == "__main__":
