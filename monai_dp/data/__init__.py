@@ -2,6 +2,7 @@ from .checks import CheckLabelRanged
 from .collate import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, is_empty_batch
 from .datalist import load_datalist
 from .synthetic import make_synthetic_dataset
+from .png import LoadPNGd, read_png
 from .poisson import (
     DistributedPoissonBatchSampler,
     dataset_length,
@@ -27,4 +28,6 @@ __all__ = [
     "CheckLabelRanged",
     "load_datalist",
     "make_synthetic_dataset",
+    "LoadPNGd",
+    "read_png",
 ]

@@ -21,37 +21,72 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
 
     Classification: class ``c > 0`` images hold a bright ball whose radius grows with ``c``; class 0 only noise.
     Segmentation: ``monai.data.create_test_image_2d/3d`` images with binary masks. Two records per patient
-    (``patient_id``) when ``patients``. About 10 % of the records form a ``"test"`` list.
+    (``patient_id``) when ``patients``. About 10 % of the patients (at least one) form the ``"test"`` list, so no
+    patient is both in ``"training"`` and ``"test"``.
 
     Generated once: if ``out_dir/dataset.json`` exists nothing is written. The files are written to a temporary
     folder that is renamed into place, so concurrent processes (``torchrun``) never read a half-written set.
+
+    Args:
+        out_dir: a new or empty folder (or one holding a ``dataset.json``: then nothing is done).
+        task: ``"classification"`` or ``"segmentation"``.
+        spatial_dims: 2 or 3.
+        num_items: number of records, at least 4.
+        size: image side in voxels, at least 16; defaults to 64 (2D) or 32 (3D).
+        num_classes: classes of the classification labels (segmentation masks are binary), at least 2.
+        seed: seed of the generated images.
+        patients: give every two consecutive records the same ``patient_id``.
     """
     task = check_choice("task", task, ("classification", "segmentation"))
-    if spatial_dims not in (2, 3):
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
         raise ValueError(error_message("spatial_dims", "2 or 3", spatial_dims))
-    check_positive_int("num_items", num_items)
-    size = size or (64 if spatial_dims == 2 else 32)
+    if not check_positive_int("num_items", num_items) >= 4:
+        raise ValueError(error_message("num_items", "an int >= 4", num_items, "Training and test need records."))
+    size = (64 if spatial_dims == 2 else 32) if size is None else check_positive_int("size", size)
+    if not size >= 16:
+        raise ValueError(error_message("size", "an int >= 16", size))
+    if not check_positive_int("num_classes", num_classes) >= 2:
+        raise ValueError(error_message("num_classes", "an int >= 2", num_classes))
     out_dir = os.fspath(out_dir)
     if os.path.exists(os.path.join(out_dir, "dataset.json")):
         return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(error_message("out_dir", "a new or empty folder, or one with a dataset.json", out_dir,
+                                       "Choose another folder for the synthetic data set."))
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic-")
     try:
         records = _write(tmp, task, spatial_dims, num_items, size, num_classes, seed, patients)
-        n_test = max(2, num_items // 10)
+        training, test = _hold_out_test(records)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
-            json.dump({"name": f"synthetic {spatial_dims}D {task}", "training": records[:-n_test],
-                       "test": records[-n_test:]}, f, indent=1)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process finished first, or out_dir exists without a dataset.json
-            if not os.path.exists(os.path.join(out_dir, "dataset.json")):
-                raise
+            json.dump({"name": f"synthetic {spatial_dims}D {task}", "training": training, "test": test}, f, indent=1)
+        _move_into_place(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return out_dir
+
+
+def _hold_out_test(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The last ~10 % of the patients (or records) form the test list; a patient is never split."""
+    units = list(dict.fromkeys(r.get("patient_id", r["image"]) for r in records))
+    test_units = set(units[-max(1, len(units) // 10):])
+    return ([r for r in records if r.get("patient_id", r["image"]) not in test_units],
+            [r for r in records if r.get("patient_id", r["image"]) in test_units])
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        try:
+            os.rmdir(out_dir)
+        except OSError:  # another process is filling it
+            pass
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process finished first
+        if not os.path.exists(os.path.join(out_dir, "dataset.json")):
+            raise
 
 
 def _write(folder: str, task: str, dims: int, n: int, size: int, num_classes: int, seed: int,
