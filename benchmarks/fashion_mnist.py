@@ -13,7 +13,6 @@ with DP switched off, and writes a markdown table. It measures; it asserts nothi
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import gzip
 import os

@@ -15,10 +15,10 @@ import time
 
 import torch
 from monai.networks import nets
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from monai_dp.networks import PerSampleGradients, make_private_compatible
-from opacus.optimizers import DPOptimizer
 
 CLS = {
     "DenseNet121": lambda d: nets.DenseNet121(spatial_dims=d, in_channels=1, out_channels=2),

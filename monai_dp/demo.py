@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["make_synthetic_images", "run_demo", "main"]
+__all__ = ["main", "make_synthetic_images", "run_demo"]
 
 
 def make_synthetic_images(n: int, size: int = 32, seed: int = 0) -> list[dict]:
@@ -36,12 +36,12 @@ def make_synthetic_images(n: int, size: int = 32, seed: int = 0) -> list[dict]:
 def run_demo(target_epsilon: float = 3.0, noise_multiplier: float = 1.0, max_epochs: int = 30, n_train: int = 4000,
              batch_size: int = 128, accountant: str = "prv", seed: int = 0, device: str | None = None) -> dict:
     """Train and return ``{"epsilon", "delta", "steps", "val_accuracy", "stopped_by_budget", "seconds"}``."""
+    from ignite.engine import Events
+    from ignite.metrics import Accuracy
     from monai.data import DataLoader
     from monai.engines import SupervisedEvaluator
     from monai.handlers import StatsHandler, ValidationHandler, from_engine
     from monai.networks.nets import DenseNet
-    from ignite.engine import Events
-    from ignite.metrics import Accuracy
 
     from monai_dp.engines import DPSupervisedTrainer
 

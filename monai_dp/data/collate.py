@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 
 from monai_dp.utils.validation import error_message
 
-__all__ = ["GROUP_KEY", "EMPTY_BATCH_KEY", "GroupedBatch", "DPCollate", "is_empty_batch", "get_row_groups"]
+__all__ = ["EMPTY_BATCH_KEY", "GROUP_KEY", "DPCollate", "GroupedBatch", "get_row_groups", "is_empty_batch"]
 
 GROUP_KEY = "dp_group"
 EMPTY_BATCH_KEY = "dp_empty_batch"

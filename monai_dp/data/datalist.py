@@ -19,7 +19,7 @@ from monai_dp.data.png import check_png, png_header
 from monai_dp.utils.errors import DatasetError
 from monai_dp.utils.validation import check_choice, error_message
 
-__all__ = ["load_datalist", "image_shape", "SPLITS"]
+__all__ = ["SPLITS", "image_shape", "load_datalist"]
 
 SPLITS = ("training", "validation", "test")
 NPZ_KEYS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
@@ -107,7 +107,10 @@ def _find_npz(path: Path) -> Path | None:
 
 def _load_npz(path: Path, num_classes: int, spatial_dims: int) -> dict[str, list[dict]]:
     try:
-        with np.load(path) as z:
+        with open(path, "rb") as f:
+            z = np.load(f)
+            if not hasattr(z, "files"):
+                raise DatasetError(f"{path}: not a .npz archive (it holds a single {type(z).__name__}).")
             missing = [k for k in NPZ_KEYS if k not in z.files]
             if missing:
                 raise DatasetError(f"{path}: the MedMNIST .npz is missing keys {missing}; it must hold "
@@ -115,7 +118,7 @@ def _load_npz(path: Path, num_classes: int, spatial_dims: int) -> dict[str, list
             arrays = {k: np.asarray(z[k]) for k in NPZ_KEYS}
     except DatasetError:
         raise
-    except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt file
+    except Exception as e:  # any reader failure means a corrupt file
         raise DatasetError(f"Cannot read {path}: {type(e).__name__}: {e}") from e
     out = {}
     for split, key in (("training", "train"), ("validation", "val"), ("test", "test")):
@@ -132,9 +135,9 @@ def _channel_first(images: np.ndarray, spatial_dims: int, where: str) -> np.ndar
         raise DatasetError(f"{where}: images must be numeric, got dtype {images.dtype}.")
     if images.ndim == spatial_dims + 1:
         return images[:, None]
-    if spatial_dims == 2 and images.ndim == 4 and images.shape[-1] in (1, 3, 4):  # (N, H, W, C)
+    if spatial_dims == 2 and images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
         return np.moveaxis(images, -1, 1)
-    expected = "(N, H, W) or (N, H, W, C) with C in 1, 3, 4" if spatial_dims == 2 else "(N, D, H, W)"
+    expected = "(N, H, W) or (N, H, W, C) with C 1 or 3" if spatial_dims == 2 else "(N, D, H, W)"
     raise DatasetError(f"{where}: images of shape {images.shape} do not match spatial_dims={spatial_dims}; "
                        f"expected {expected}. Set `spatial_dims` to match the data.")
 
@@ -283,7 +286,7 @@ def image_shape(path: str, full: bool = False) -> tuple[int, ...]:
             return tuple(int(s) for s in img.shape[:3])
     except DatasetError:
         raise
-    except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt file
+    except Exception as e:  # any reader failure means a corrupt file
         raise DatasetError(f"Cannot read {path}: {type(e).__name__}: {e}") from e
     raise DatasetError(f"Cannot read {path}: unsupported file type {Path(path).suffix or 'without extension'!r}; "
                        "use NIfTI (.nii, .nii.gz), PNG (.png), DICOM (.dcm) or a DICOM series folder.")
@@ -305,7 +308,7 @@ def _dicom_shape(path: str, full: bool) -> tuple[int, ...]:
                 ds.pixel_array  # noqa: B018 - decode to check the pixel data
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             sizes.add((int(ds.Columns), int(ds.Rows)) + ((frames,) if frames > 1 else ()))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # any reader failure means a corrupt file
             raise DatasetError(f"Cannot read {f} (DICOM): {type(e).__name__}: {e}") from e
     if len(sizes) > 1:
         raise DatasetError(f"Cannot read {path}: the slices of the series have different sizes {sorted(sizes)}.")

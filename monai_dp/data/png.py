@@ -23,7 +23,7 @@ from monai.utils import MetaKeys
 
 from monai_dp.utils.errors import DatasetError
 
-__all__ = ["LoadPNGd", "read_png", "png_header", "check_png"]
+__all__ = ["LoadPNGd", "check_png", "png_header", "read_png"]
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel

@@ -19,8 +19,12 @@ from monai_dp.data.collate import DPCollate
 from monai_dp.utils.validation import error_message
 
 __all__ = [
-    "dataset_length", "loader_batch_size", "make_poisson_loader", "rebuild_loader", "DistributedPoissonBatchSampler",
+    "DistributedPoissonBatchSampler",
+    "dataset_length",
+    "loader_batch_size",
     "make_distributed_poisson_loader",
+    "make_poisson_loader",
+    "rebuild_loader",
 ]
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,14 @@ from dataclasses import dataclass
 
 from monai_dp.privacy import ACCOUNTANTS
 from monai_dp.utils.errors import DPConfigurationError
-from monai_dp.utils.validation import check_choice, check_positive, check_positive_int, error_message
+from monai_dp.utils.validation import (
+    check_choice,
+    check_positive,
+    check_positive_int,
+    error_message,
+)
 
-__all__ = ["DPSettings", "resolve_delta", "check_amp"]
+__all__ = ["DPSettings", "check_amp", "resolve_delta"]
 
 logger = logging.getLogger(__name__)
 

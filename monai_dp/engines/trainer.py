@@ -8,19 +8,37 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.engines.utils import (
+    IterationEvents,
+    default_metric_cmp_fn,
+    default_prepare_batch,
+)
 from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch.utils.data import DataLoader
 
-from monai_dp.data import dataset_length, get_row_groups, is_empty_batch, loader_batch_size, make_poisson_loader
+from monai_dp.data import (
+    dataset_length,
+    get_row_groups,
+    is_empty_batch,
+    loader_batch_size,
+    make_poisson_loader,
+)
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.privacy_state import PrivacyState
 from monai_dp.losses import check_per_sample_loss
-from monai_dp.networks import PerSampleGradients, find_incompatible_modules, make_private_compatible
-from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
+from monai_dp.networks import (
+    PerSampleGradients,
+    find_incompatible_modules,
+    make_private_compatible,
+)
+from monai_dp.utils.errors import (
+    DPConfigurationError,
+    DPIncompatibleModuleError,
+    PrivacyBudgetExhaustedError,
+)
 from monai_dp.utils.validation import check_positive_int, error_message
 
 __all__ = ["DPSupervisedTrainer"]

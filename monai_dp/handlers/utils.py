@@ -6,7 +6,7 @@ from typing import Any
 
 from monai_dp.utils.validation import error_message
 
-__all__ = ["require_dp_engine", "require_dict"]
+__all__ = ["require_dict", "require_dp_engine"]
 
 
 def require_dp_engine(engine: Any) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from monai_dp.utils.errors import DPIncompatibleModuleError
 from monai_dp.utils.validation import check_positive_int
 
-__all__ = ["CompatibilityReport", "make_private_compatible", "find_incompatible_modules"]
+__all__ = ["CompatibilityReport", "find_incompatible_modules", "make_private_compatible"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
 

@@ -16,11 +16,10 @@ clipping (``groups``), so the clip bounds the item's whole contribution.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
-
-import logging
 
 import torch
 from torch import nn

@@ -1,4 +1,11 @@
-from .accountants import ACCOUNTANTS, DPAccountant, GDPAccountant, PRVAccountant, RDPAccountant, create_accountant
+from .accountants import (
+    ACCOUNTANTS,
+    DPAccountant,
+    GDPAccountant,
+    PRVAccountant,
+    RDPAccountant,
+    create_accountant,
+)
 from .calibration import calibrate_noise_multiplier
 
 __all__ = [
@@ -7,6 +14,6 @@ __all__ = [
     "GDPAccountant",
     "PRVAccountant",
     "RDPAccountant",
-    "create_accountant",
     "calibrate_noise_multiplier",
+    "create_accountant",
 ]

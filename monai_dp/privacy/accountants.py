@@ -1,48 +1,75 @@
 """Privacy accountants behind one small interface.
 
-Each accountant records the history of the sampled Gaussian mechanism, ``(noise_multiplier,
-sample_rate, num_steps)`` entries, and converts it to ε at a given δ:
+An accountant records the history of the Poisson-sampled Gaussian mechanism as merged
+``(noise_multiplier, sample_rate, num_steps)`` entries and converts it to ε at a given δ. Each query builds
+a fresh Opacus computation from the whole history:
 
-- ``"prv"``: Opacus' privacy random variable accountant (Gopi et al. 2021); returns the upper end of its
-  error bracket, so the reported ε is a bound. Tight: close to the exact privacy loss distribution.
-- ``"rdp"``: Opacus' Rényi DP accountant (Mironov 2017); a valid but looser bound.
-- ``"gdp"``: Gaussian DP via the central limit theorem (Bu et al. 2020). It is an *asymptotic
-  approximation*, not a bound: it can under-report ε for few steps or large sample rates. Opacus'
-  ``GaussianAccountant`` reads only the last history entry; here every entry is composed.
+- ``"prv"``: Opacus' privacy random variable accountant (Gopi et al. 2021). The upper end of its error
+  bracket is returned, so ε is a bound; it is close to the exact privacy loss distribution.
+- ``"rdp"``: Opacus' Rényi DP accountant (Mironov 2017) over Opacus' orders plus 128, 256, 512 and 1024;
+  a valid but looser bound.
+- ``"gdp"``: Gaussian DP through the central limit theorem (Bu et al. 2020), with Opacus' GDP analysis.
+  It is an *approximation*, not a bound: it can under-report ε for few steps or large sample rates.
+  Opacus' ``GaussianAccountant`` reads only the last history entry; here the entries compose
+  (μ² adds up over entries).
 
-The step count is counted here, from the history (Opacus' ``len(accountant)`` is not the step count).
-This module imports neither ignite nor ``torch.nn``.
+The step count is counted here from the history (Opacus' ``len(accountant)`` is not the step count).
+Opacus is imported on the first query, so importing this module loads neither ignite nor ``torch.nn``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from functools import lru_cache
+from typing import Any
 
-from monai_dp.utils.validation import check_choice, check_open_unit_interval, check_positive_int, error_message
+from monai_dp.utils.validation import (
+    check_choice,
+    check_open_unit_interval,
+    check_positive,
+    error_message,
+)
 
-__all__ = ["ACCOUNTANTS", "DPAccountant", "RDPAccountant", "PRVAccountant", "GDPAccountant", "create_accountant"]
+__all__ = ["ACCOUNTANTS", "DPAccountant", "GDPAccountant", "PRVAccountant", "RDPAccountant", "create_accountant"]
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-PRV_EPS_ERROR = 0.01
+PRV_EPS_ERROR = 0.01  # PRV's allowed error on ε; the bound is estimate + error (widened only for huge grids)
+PRV_MAX_GRID = 2**22  # discretisation points; Opacus needs about 190 bytes and 0.5 µs per point
+PRV_MAX_DOMAIN = 500.0  # Opacus' PRV returns inf near 2000; ε is then in the hundreds and RDP is as useful
+RDP_EXTRA_ORDERS = (128, 256, 512, 1024)  # tighten small ε; Opacus' defaults stop at 63
+GDP_MAX_EPSILON = 500.0  # the bracket of Opacus' ε(μ) solver; beyond it ε is reported as inf
 
-History = tuple[tuple[float, float, int], ...]
+Entry = tuple[float, float, int]
+History = tuple[Entry, ...]
 
 
-def _check_mechanism(noise_multiplier: float, sample_rate: float, num_steps: int) -> tuple[float, float, int]:
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
-        raise TypeError(error_message("noise_multiplier", "a number", type(noise_multiplier).__name__))
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(error_message(name, "an int", type(value).__name__))
+    if not value >= minimum:
+        raise ValueError(error_message(name, f"an int >= {minimum}", value))
+    return int(value)
+
+
+def _check_mechanism(noise_multiplier: Any, sample_rate: Any, num_steps: Any, steps_name: str = "num_steps",
+                     min_steps: int = 1) -> Entry:
+    """Validated ``(σ, q, n)`` as plain ``(float, float, int)``."""
+    for name, value in (("noise_multiplier", noise_multiplier), ("sample_rate", sample_rate)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(error_message(name, "a number", type(value).__name__))
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(error_message("noise_multiplier", "a finite number >= 0", noise_multiplier))
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
-        raise TypeError(error_message("sample_rate", "a number", type(sample_rate).__name__))
     if not 0 < sample_rate <= 1:
         raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate))
-    check_positive_int("num_steps", num_steps)
-    return float(noise_multiplier), float(sample_rate), int(num_steps)
+    return float(noise_multiplier), float(sample_rate), _check_count(steps_name, num_steps, min_steps)
 
 
-def _merge(history: list[tuple[float, float, int]], entry: tuple[float, float, int]) -> None:
+def _merge(history: list[Entry], entry: Entry) -> None:
+    """Append ``entry``, adding its steps to the last entry when (σ, q) are equal."""
+    if entry[2] == 0:
+        return
     if history and history[-1][:2] == entry[:2]:
         history[-1] = (entry[0], entry[1], history[-1][2] + entry[2])
     else:
@@ -50,151 +77,234 @@ def _merge(history: list[tuple[float, float, int]], entry: tuple[float, float, i
 
 
 @lru_cache(maxsize=4096)
-def _epsilon(name: str, history: History, delta: float) -> float:
+def _cached_epsilon(cls: type[DPAccountant], history: History, delta: float) -> float:
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
-    if name == "gdp":
-        return _gdp_epsilon(history, delta)
-    from opacus.accountants import PRVAccountant as _PRV
-    from opacus.accountants import RDPAccountant as _RDP
-
-    if name == "rdp":
-        acc = _RDP()
-        acc.history = list(history)
-        return float(acc.get_epsilon(delta))
-    acc = _PRV()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+    eps = float(cls.compute_epsilon(history, delta))
+    return math.inf if math.isnan(eps) else max(eps, 0.0)
 
 
-def _gdp_mu(history: History) -> float:
-    return math.sqrt(sum(q * q * n * math.expm1(1.0 / (s * s)) for s, q, n in history))
+@lru_cache(maxsize=1024)
+def _cached_max_extra_steps(cls: type[DPAccountant], history: History, target_epsilon: float, delta: float,
+                            entry: tuple[float, float], limit: int) -> int:
+    def ok(k: int) -> bool:
+        extended = list(history)
+        _merge(extended, (entry[0], entry[1], k))
+        return _cached_epsilon(cls, tuple(extended), delta) <= target_epsilon
 
-
-def _gdp_epsilon(history: History, delta: float) -> float:
-    """ε of μ-GDP at δ: solve δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) for ε (monotone decreasing in ε)."""
-    from scipy.optimize import brentq
-    from scipy.stats import norm
-
-    mu = _gdp_mu(history)
-    if math.isinf(mu):
-        return math.inf
-
-    def delta_of(eps: float) -> float:
-        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
-
-    if delta_of(0.0) <= delta:
-        return 0.0
-    hi = 1.0
-    while delta_of(hi) > delta:
+    lo, hi = 0, 1  # exponential search for a failing count, then bisection keeping ok(lo), not ok(hi)
+    while True:
+        probe = min(hi, limit)
+        if not ok(probe):
+            hi = probe
+            break
+        lo = probe
+        if probe == limit:
+            return limit
         hi *= 2
-        if hi > 1e6:
-            return math.inf
-    return float(brentq(lambda e: delta_of(e) - delta, 0.0, hi, xtol=1e-10))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class DPAccountant:
-    """Base accountant: a merged history of sampled Gaussian mechanism steps and its ε."""
+    """Base accountant: a merged history of sampled Gaussian mechanism steps and the ε it spends.
 
-    name = ""
+    Subclasses set ``name`` and implement :meth:`compute_epsilon`. Results are cached on the history, so
+    repeated queries (budget checks, logging) cost nothing.
+
+    Attributes:
+        name: ``"rdp"``, ``"prv"`` or ``"gdp"``; stored in :meth:`state_dict` and checked on load.
+        history: ``(noise_multiplier, sample_rate, num_steps)`` entries, consecutive equal (σ, q) merged.
+    """
+
+    name: str = ""
 
     def __init__(self) -> None:
-        self.history: list[tuple[float, float, int]] = []
+        self.history: list[Entry] = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, history={self.history})"
+
+    @staticmethod
+    def compute_epsilon(history: History, delta: float) -> float:
+        """ε of a non-empty history with every σ > 0, at ``delta``."""
+        raise NotImplementedError
 
     @property
     def steps(self) -> int:
         """Total number of steps recorded."""
-        return sum(n for _, _, n in self.history)
+        return sum(int(n) for _, _, n in self.history)
+
+    def _history(self) -> History:
+        return tuple(tuple(entry) for entry in self.history)  # type: ignore[misc]
 
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        """Record ``num_steps`` steps of the sampled Gaussian mechanism (σ, q)."""
+        """Record ``num_steps`` steps with noise multiplier σ and Poisson sample rate q."""
         _merge(self.history, _check_mechanism(noise_multiplier, sample_rate, num_steps))
 
     def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at ``delta`` (0 with no steps, ``inf`` if a step had σ = 0)."""
+        """ε spent so far at ``delta``: 0 with no steps, ``inf`` if a step had σ = 0."""
         delta = check_open_unit_interval("delta", delta)
-        return _epsilon(self.name, tuple(self.history), delta)
+        return _cached_epsilon(type(self), self._history(), delta)
 
     def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float, extra_steps: int) -> float:
         """ε if ``extra_steps`` more steps of (σ, q) were taken; the accountant is not changed."""
         delta = check_open_unit_interval("delta", delta)
-        history = list(self.history)
-        if extra_steps:
-            _merge(history, _check_mechanism(noise_multiplier, sample_rate, extra_steps))
-        return _epsilon(self.name, tuple(history), delta)
+        history = list(self._history())
+        _merge(history, _check_mechanism(noise_multiplier, sample_rate, extra_steps, "extra_steps", 0))
+        return _cached_epsilon(type(self), tuple(history), delta)
 
     def max_extra_steps(self, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
                         limit: int) -> int:
         """Largest ``k`` in ``[0, limit]`` with ``epsilon_after(delta, σ, q, k) <= target_epsilon``.
 
-        ε grows with the number of steps, so a doubling search then a bisection finds the boundary exactly.
+        ε grows with the number of steps, so an exponential search then a bisection finds the boundary
+        with about ``2 log2(k)`` queries. Returns 0 when the recorded history alone exceeds the target.
         """
-        if not target_epsilon > 0:
-            raise ValueError(error_message("target_epsilon", "> 0", target_epsilon))
-        check_positive_int("limit", limit)
-
-        def ok(k: int) -> bool:
-            return self.epsilon_after(delta, noise_multiplier, sample_rate, k) <= target_epsilon
-
-        if not ok(0) or not ok(1):
-            return 0
-        lo, hi = 1, 2
-        while hi <= limit and ok(hi):
-            lo, hi = hi, hi * 2
-        if hi > limit:
-            if ok(limit):
-                return limit
-            hi = limit
-        while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
-            mid = (lo + hi) // 2
-            if ok(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        target_epsilon = check_positive("target_epsilon", target_epsilon)
+        delta = check_open_unit_interval("delta", delta)
+        sigma, q, limit = _check_mechanism(noise_multiplier, sample_rate, limit, "limit", 0)
+        return _cached_max_extra_steps(type(self), self._history(), target_epsilon, delta, (sigma, q), limit)
 
     def state_dict(self) -> dict:
-        """Plain types only (loads with ``torch.load(weights_only=True)``)."""
-        return {"accountant": self.name, "history": [[s, q, n] for s, q, n in self.history]}
+        """``{"accountant": name, "history": [[σ, q, n], ...]}``, plain types (``torch.load(weights_only=True)``)."""
+        return {"accountant": self.name, "history": [[float(s), float(q), int(n)] for s, q, n in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a history saved by :meth:`state_dict` of the same accountant type."""
-        if not isinstance(state, dict) or "history" not in state:
-            raise ValueError(error_message("state", "a dict with 'accountant' and 'history'", type(state).__name__))
-        if state.get("accountant") != self.name:
-            raise ValueError(error_message("state['accountant']", f"{self.name!r}", state.get("accountant"),
-                                           f"Load it into create_accountant({state.get('accountant')!r})."))
-        history: list[tuple[float, float, int]] = []
-        for entry in state["history"]:
+        """Replace the history with one saved by :meth:`state_dict` of the same accountant type."""
+        if not isinstance(state, dict):
+            raise TypeError(error_message("state", "a dict", type(state).__name__))
+        if "accountant" not in state or "history" not in state:
+            raise ValueError(error_message("state", "a dict with keys 'accountant' and 'history'", list(state)))
+        if state["accountant"] != self.name:
+            raise ValueError(error_message(
+                "state['accountant']", f"{self.name!r} to load into {type(self).__name__}", state["accountant"],
+                f"Load it with create_accountant({state['accountant']!r}) instead."))
+        if not isinstance(state["history"], (list, tuple)):
+            raise TypeError(error_message("state['history']", "a list", type(state["history"]).__name__))
+        history: list[Entry] = []
+        for i, entry in enumerate(state["history"]):
+            constraint = "[noise_multiplier, sample_rate, num_steps]"
             if not isinstance(entry, (list, tuple)) or len(entry) != 3:
-                raise ValueError(error_message("state['history'] entry", "[noise_multiplier, sample_rate, steps]", entry))
-            _merge(history, _check_mechanism(float(entry[0]), float(entry[1]), int(entry[2])))
+                raise ValueError(error_message(f"state['history'][{i}]", constraint, entry))
+            try:
+                _merge(history, _check_mechanism(*entry))
+            except (TypeError, ValueError) as err:
+                raise ValueError(error_message(f"state['history'][{i}]", f"a valid {constraint}", entry,
+                                               str(err))) from err
         self.history = history
 
 
 class RDPAccountant(DPAccountant):
-    """Rényi DP accountant (Opacus)."""
+    """Rényi DP accountant (Opacus): a valid, looser upper bound on ε."""
 
     name = "rdp"
 
+    @staticmethod
+    def compute_epsilon(history: History, delta: float) -> float:
+        from opacus.accountants import RDPAccountant as OpacusRDP
+
+        acc = OpacusRDP()
+        acc.history = list(history)
+        with warnings.catch_warnings():  # "optimal order is the largest alpha": expected for tiny or huge ε
+            warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+            return acc.get_epsilon(delta, alphas=list(OpacusRDP.DEFAULT_ALPHAS) + list(RDP_EXTRA_ORDERS))
+
+
+def _prv_domain(history: History, delta_error: float) -> float:
+    """Half-width ``L`` of the privacy loss domain ``[-L, L]`` Opacus discretises for this history."""
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
+
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    return compute_safe_domain_size(prvs=prvs, max_self_compositions=[n for _, _, n in history],
+                                    eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+
+
+def _prv_eps_error(history: History, delta_error: float, domain: float) -> float:
+    """``PRV_EPS_ERROR``, widened in proportion when Opacus' grid would pass ``PRV_MAX_GRID`` points.
+
+    Opacus' mesh is ``eps_error / sqrt(T log(12 / delta_error) / 2)`` on ``[-L, L]``: long runs (10⁵-10⁶
+    steps) would need gigabytes. A wider error bracket keeps the upper bound valid, only looser.
+    """
+    total = sum(n for _, _, n in history)
+    points = 2 * domain * math.sqrt(total * math.log(12 / delta_error) / 2) / PRV_EPS_ERROR
+    return PRV_EPS_ERROR * max(1.0, points / PRV_MAX_GRID)
+
 
 class PRVAccountant(DPAccountant):
-    """Privacy random variable accountant (Opacus); ε is the upper end of its error bracket."""
+    """Privacy random variable accountant (Opacus); ε is the upper end of its error bracket.
+
+    Where Opacus' numerics do not apply, the RDP bound is returned instead with a ``RuntimeWarning``: still
+    a valid bound, only looser. That happens for ε in the hundreds (privacy loss domain beyond
+    ``PRV_MAX_DOMAIN``), for δ below about 1e-13, or when Opacus fails or returns ``inf``.
+    """
 
     name = "prv"
 
+    @staticmethod
+    def compute_epsilon(history: History, delta: float) -> float:
+        import numpy as np
+        from opacus.accountants import PRVAccountant as OpacusPRV
+
+        acc = OpacusPRV()
+        acc.history = list(history)
+        delta_error = delta / 1000  # Opacus' default
+        eps, reason = math.nan, ""
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+                domain = _prv_domain(history, delta_error)
+                if domain > PRV_MAX_DOMAIN:
+                    reason = "the privacy loss domain exceeds PRV_MAX_DOMAIN: ε is in the hundreds"
+                else:
+                    eps_error = _prv_eps_error(history, delta_error, domain)
+                    eps = float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
+                    reason = "Opacus returned a non-finite ε"
+        except (ValueError, RuntimeError) as err:
+            reason = f"Opacus raised {type(err).__name__}: {err}"
+        if math.isfinite(eps):
+            return eps
+        # constant text per reason, so the default warning filter shows it once, not on every step
+        warnings.warn(f"PRV accounting does not apply ({reason}); reporting the RDP bound instead (valid, looser).",
+                      RuntimeWarning, stacklevel=2)
+        return RDPAccountant.compute_epsilon(history, delta)
+
 
 class GDPAccountant(DPAccountant):
-    """Gaussian DP accountant (CLT approximation over the whole history)."""
+    """Gaussian DP accountant: Opacus' CLT approximation, composed over the whole history (not a bound)."""
 
     name = "gdp"
 
+    @staticmethod
+    def compute_epsilon(history: History, delta: float) -> float:
+        import numpy as np
+        from opacus.accountants.analysis import gdp
 
-_CLASSES = {"rdp": RDPAccountant, "prv": PRVAccountant, "gdp": GDPAccountant}
+        with np.errstate(over="ignore"):
+            mu = math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
+                               for s, q, n in history))
+        if not math.isfinite(mu):
+            return math.inf
+        if gdp.delta_eps_mu(eps=0.0, mu=mu) <= delta:
+            return 0.0
+        if gdp.delta_eps_mu(eps=GDP_MAX_EPSILON, mu=mu) > delta:
+            return math.inf
+        return gdp.eps_from_mu(mu=mu, delta=delta)
+
+
+_CLASSES: dict[str, type[DPAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant, "gdp": GDPAccountant}
 
 
 def create_accountant(name: str) -> DPAccountant:
-    """A new accountant: ``"rdp"``, ``"prv"`` or ``"gdp"`` (case-insensitive)."""
+    """A new, empty accountant: ``"rdp"``, ``"prv"`` or ``"gdp"`` (case-insensitive)."""
     return _CLASSES[check_choice("accountant", name, ACCOUNTANTS)]()

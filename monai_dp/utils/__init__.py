@@ -1,4 +1,9 @@
-from .errors import DatasetError, DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
+from .errors import (
+    DatasetError,
+    DPConfigurationError,
+    DPIncompatibleModuleError,
+    PrivacyBudgetExhaustedError,
+)
 from .validation import (
     check_choice,
     check_non_negative,
@@ -10,9 +15,9 @@ from .validation import (
 )
 
 __all__ = [
-    "DatasetError",
     "DPConfigurationError",
     "DPIncompatibleModuleError",
+    "DatasetError",
     "PrivacyBudgetExhaustedError",
     "check_choice",
     "check_non_negative",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PrivacyBudgetExhaustedError", "DPIncompatibleModuleError", "DPConfigurationError", "DatasetError"]
+__all__ = ["DPConfigurationError", "DPIncompatibleModuleError", "DatasetError", "PrivacyBudgetExhaustedError"]
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):

@@ -10,13 +10,13 @@ import math
 from typing import Any
 
 __all__ = [
-    "error_message",
-    "check_positive",
+    "check_choice",
     "check_non_negative",
     "check_open_unit_interval",
+    "check_positive",
     "check_positive_int",
-    "check_choice",
     "check_type",
+    "error_message",
 ]
 
 

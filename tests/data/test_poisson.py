@@ -7,7 +7,14 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, RandCropByPosNegLabeld
 
-from monai_dp.data import EMPTY_BATCH_KEY, GROUP_KEY, DPCollate, GroupedBatch, get_row_groups, make_poisson_loader
+from monai_dp.data import (
+    EMPTY_BATCH_KEY,
+    GROUP_KEY,
+    DPCollate,
+    GroupedBatch,
+    get_row_groups,
+    make_poisson_loader,
+)
 from tests.conftest import make_classification_data
 
 
@@ -67,8 +74,8 @@ def test_grouped_batches_survive_worker_processes():
 
 def test_multi_crop_trainer_clips_per_image():
     """End to end: with 4 crops per image the trainer clips per image (rows summed), checked on one batch."""
-    from monai.networks.nets import UNet
     from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
 
     from monai_dp.engines import DPSupervisedTrainer
 

@@ -9,7 +9,12 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, ValidationHandler
+from monai.handlers import (
+    CheckpointLoader,
+    CheckpointSaver,
+    StatsHandler,
+    ValidationHandler,
+)
 from torch import nn
 
 from monai_dp.engines import DPSupervisedTrainer

@@ -6,7 +6,11 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler, PrivacyReportHandler
+from monai_dp.handlers import (
+    PrivacyAccountantHandler,
+    PrivacyBudgetHandler,
+    PrivacyReportHandler,
+)
 from tests.engines.test_trainer import make_trainer
 
 
