@@ -8,6 +8,7 @@ from .collate import (
     is_empty_batch,
 )
 from .datalist import load_datalist
+from .patients import PatientDataset, patient_ids_of, records_per_patient_summary
 from .png import LoadPNGd, read_png
 from .poisson import (
     DistributedPoissonBatchSampler,
@@ -27,6 +28,7 @@ __all__ = [
     "DistributedPoissonBatchSampler",
     "GroupedBatch",
     "LoadPNGd",
+    "PatientDataset",
     "dataset_length",
     "get_row_groups",
     "is_empty_batch",
@@ -35,6 +37,8 @@ __all__ = [
     "make_distributed_poisson_loader",
     "make_poisson_loader",
     "make_synthetic_dataset",
+    "patient_ids_of",
     "read_png",
+    "records_per_patient_summary",
     "rebuild_loader",
 ]

@@ -56,6 +56,8 @@ class DPCollate:
             return {EMPTY_BATCH_KEY: True}
         counts = _rows_per_item(items)
         groups = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts, dtype=torch.long))
+        if isinstance(items[0], list):  # flatten here, so any collate_fn sees one row per entry
+            items = [row for item in items for row in item]
         batch = self.collate_fn(items)
         if isinstance(batch, Mapping):
             batch = dict(batch)

@@ -73,26 +73,30 @@ def _loader_kwargs(loader: DataLoader) -> dict[str, Any]:
     return kwargs
 
 
-def rebuild_loader(loader: DataLoader, batch_sampler: Any) -> DataLoader:
-    """A loader like ``loader`` (same class when it is MONAI's) that draws batches from ``batch_sampler``."""
+def rebuild_loader(loader: DataLoader, batch_sampler: Any, dataset: Any = None) -> DataLoader:
+    """A loader like ``loader`` (same class when it is MONAI's) that draws batches from ``batch_sampler``.
+
+    ``dataset`` replaces the loader's dataset (e.g. a :class:`~monai_dp.data.patients.PatientDataset` over it).
+    """
     kwargs = _loader_kwargs(loader)
     try:
         from monai.data import DataLoader as MonaiDataLoader
     except ImportError:  # pragma: no cover - monai is a hard dependency
         MonaiDataLoader = None
     cls = MonaiDataLoader if MonaiDataLoader is not None and isinstance(loader, MonaiDataLoader) else DataLoader
-    return cls(loader.dataset, batch_sampler=batch_sampler, **kwargs)
+    return cls(loader.dataset if dataset is None else dataset, batch_sampler=batch_sampler, **kwargs)
 
 
 def make_poisson_loader(
-    loader: DataLoader, sample_rate: float, generator: torch.Generator | None = None
+    loader: DataLoader, sample_rate: float, generator: torch.Generator | None = None, dataset: Any = None
 ) -> DataLoader:
     """Rebuild ``loader`` so that every item enters each batch independently with probability ``sample_rate``.
 
     One epoch is ``int(1 / sample_rate)`` batches, as in Opacus. Empty batches are returned as the marker
-    of :func:`monai_dp.data.collate.is_empty_batch`.
+    of :func:`monai_dp.data.collate.is_empty_batch`. ``dataset`` replaces the loader's dataset (its items
+    are then the sampled units, e.g. patients).
     """
-    n = dataset_length(loader)
+    n = dataset_length(loader) if dataset is None else len(dataset)
     if not 0 < sample_rate <= 1:
         raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
     original = getattr(loader, "sampler", None)
@@ -101,7 +105,7 @@ def make_poisson_loader(
                        "DP accounting needs it. Reweight classes in the loss instead.", type(original).__name__,
                        sample_rate)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator)
-    return rebuild_loader(loader, sampler)
+    return rebuild_loader(loader, sampler, dataset)
 
 
 class DistributedPoissonBatchSampler:
@@ -149,10 +153,10 @@ def _rank_generator(sampling_seed: int | None, rank: int) -> torch.Generator:
 
 
 def make_distributed_poisson_loader(loader: DataLoader, sample_rate: float, rank: int, world_size: int,
-                                    sampling_seed: int | None = None) -> DataLoader:
-    """Rebuild ``loader`` with :class:`DistributedPoissonBatchSampler` for this rank."""
-    n = dataset_length(loader)
+                                    sampling_seed: int | None = None, dataset: Any = None) -> DataLoader:
+    """Rebuild ``loader`` with :class:`DistributedPoissonBatchSampler` for this rank (``dataset``: see above)."""
+    n = dataset_length(loader) if dataset is None else len(dataset)
     if not 0 < sample_rate <= 1:
         raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
     sampler = DistributedPoissonBatchSampler(n, sample_rate, rank, world_size, _rank_generator(sampling_seed, rank))
-    return rebuild_loader(loader, sampler)
+    return rebuild_loader(loader, sampler, dataset)

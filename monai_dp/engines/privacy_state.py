@@ -34,6 +34,7 @@ class PrivacyState:
         self.planned_steps = int(planned_steps)
         self.sampling = sampling
         self.unit = unit
+        self.patients: dict | None = None  # records-per-patient summary, when the records carry patient ids
         self._allowed_total: int | None = None
         self._eps_cache: tuple[int, float, float] | None = None
 
@@ -128,6 +129,9 @@ class PrivacyState:
         acc = dict(state["accountant"])
         acc["accountant"] = self.accountant.name
         self.accountant.load_state_dict(acc)
+        if state.get("unit", self.unit) != self.unit:
+            raise ValueError(error_message("privacy state['unit']", f"{self.unit!r} like this trainer", state["unit"],
+                                           "A checkpoint's accounting cannot be resumed at another privacy unit."))
         if state.get("sampling", "poisson") != "poisson" and self.sampling == "poisson":
             self.sampling = str(state["sampling"])
             logger.warning("Resumed accounting includes steps taken without Poisson sampling.")

@@ -1,4 +1,4 @@
-"""DPSupervisedTrainer: MONAI's SupervisedTrainer with record-level (ε, δ)-DP-SGD."""
+"""DPSupervisedTrainer: MONAI's SupervisedTrainer with record- or patient-level (ε, δ)-DP-SGD."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from monai_dp.data import (
     loader_batch_size,
     make_poisson_loader,
 )
+from monai_dp.data.patients import PatientDataset, patient_ids_of, records_per_patient_summary
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.privacy_state import PrivacyState
@@ -39,15 +40,17 @@ from monai_dp.utils.errors import (
     DPIncompatibleModuleError,
     PrivacyBudgetExhaustedError,
 )
-from monai_dp.utils.validation import check_positive_int, error_message
+from monai_dp.utils.validation import check_choice, check_positive_int, error_message
 
 __all__ = ["DPSupervisedTrainer"]
 
 logger = logging.getLogger(__name__)
 
+PRIVACY_UNITS = ("record", "patient")
+
 
 class DPSupervisedTrainer(SupervisedTrainer):
-    """``monai.engines.SupervisedTrainer`` with differentially private SGD (record level).
+    """``monai.engines.SupervisedTrainer`` with differentially private SGD, at record or patient level.
 
     Takes every argument of ``SupervisedTrainer`` and these:
 
@@ -68,6 +71,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
         noise_seed: seed of the noise generator, for reproducible tests only; ``None`` draws fresh randomness.
         secure_mode: Opacus' secure noise generation (slower; protects against floating-point attacks).
         sampling_seed: seed of the Poisson sampler's generator (``None``: fresh).
+        privacy_unit: ``"record"`` (default) or ``"patient"``. At patient level each patient enters a step with
+            probability q = batch_size / number of patients (the loader's ``batch_size`` then counts patients)
+            with all of their records; the records' gradients are summed into one per-patient gradient, which
+            is clipped; the accountant counts patients and δ defaults to ``min(1e-5, 1/(10 P))``.
+        patient_key: the record key holding the patient id (read from ``train_data_loader.dataset.data``).
+        patient_ids: one patient id per record, instead of reading ``patient_key``.
+        max_records_per_patient: at patient level, use at most this many of a patient's records per step, drawn
+            at random each step (bounds memory; the guarantee is unchanged since the patient is clipped whole).
     """
 
     def __init__(
@@ -110,6 +121,10 @@ class DPSupervisedTrainer(SupervisedTrainer):
         noise_seed: int | None = None,
         secure_mode: bool = False,
         sampling_seed: int | None = None,
+        privacy_unit: str = "record",
+        patient_key: str = "patient_id",
+        patient_ids: Sequence | None = None,
+        max_records_per_patient: int | None = None,
     ) -> None:
         settings = DPSettings(target_epsilon, target_delta, noise_multiplier, max_grad_norm, accountant,
                               max_physical_batch_size)
@@ -120,7 +135,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
         check_per_sample_loss(loss_function)
         network = self._prepare_network(network, make_compatible)
 
-        num_items = dataset_length(train_data_loader)
+        unit = check_choice("privacy_unit", privacy_unit, PRIVACY_UNITS)
+        units, patients = _sampling_units(train_data_loader, unit, patient_key, patient_ids, max_records_per_patient)
+        num_items = dataset_length(train_data_loader) if units is None else len(units)
         batch_size = loader_batch_size(train_data_loader)
         logical = batch_size * accumulation_steps
         if accumulation_steps > 1:
@@ -130,7 +147,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         else:
             physical = max_physical_batch_size
         if not logical <= num_items:
-            raise ValueError(error_message("batch_size * accumulation_steps", f"<= the dataset size N = {num_items}",
+            raise ValueError(error_message("batch_size * accumulation_steps", f"<= the number of {unit}s N = {num_items}",
                                            logical, "Lower the batch size."))
         sample_rate = logical / num_items
         rank, world = _dist_rank_world()
@@ -139,17 +156,18 @@ class DPSupervisedTrainer(SupervisedTrainer):
                 raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
                                                          poisson_sampling))
             loader, sampling = make_distributed_poisson_loader(train_data_loader, sample_rate, rank, world,
-                                                               sampling_seed), "poisson"
+                                                               sampling_seed, dataset=units), "poisson"
         else:
             loader, sampling = self._make_loader(train_data_loader, sample_rate, poisson_sampling,
-                                                 allow_non_poisson_sampling, sampling_seed)
+                                                 allow_non_poisson_sampling, sampling_seed, units)
         steps_per_epoch = epoch_length if epoch_length is not None else len(loader)
-        delta = resolve_delta(settings.target_delta, num_items)
+        delta = resolve_delta(settings.target_delta, num_items, unit)
 
         self.privacy = PrivacyState.create(
             settings, delta=delta, sample_rate=sample_rate, num_units=num_items,
-            planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling,
+            planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling, unit=unit,
         )
+        self.privacy.patients = patients
         self.physical_batch_size = physical
         self.dp_network_params = self._trainable_in_optimizer(network, optimizer)
         generator = None
@@ -220,10 +238,10 @@ class DPSupervisedTrainer(SupervisedTrainer):
         return network
 
     @staticmethod
-    def _make_loader(loader, sample_rate, poisson_sampling, allow_non_poisson_sampling, sampling_seed):
+    def _make_loader(loader, sample_rate, poisson_sampling, allow_non_poisson_sampling, sampling_seed, units=None):
         generator = None if sampling_seed is None else torch.Generator().manual_seed(int(sampling_seed))
         if poisson_sampling:
-            return make_poisson_loader(loader, sample_rate, generator=generator), "poisson"
+            return make_poisson_loader(loader, sample_rate, generator=generator, dataset=units), "poisson"
         if not allow_non_poisson_sampling:
             raise DPConfigurationError(
                 error_message("poisson_sampling", "True unless `allow_non_poisson_sampling=True`", poisson_sampling,
@@ -231,6 +249,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
             )
         logger.warning("poisson_sampling=False: the accountant assumes Poisson sampling at rate %.4g, which this "
                        "loader does not do; the reported ε is not a proven guarantee.", sample_rate)
+        if units is not None:
+            raise DPConfigurationError(error_message("poisson_sampling", "True with privacy_unit='patient'",
+                                                     poisson_sampling))
         return rebuild_loader(loader, loader.batch_sampler), "loader"
 
     @staticmethod
@@ -363,6 +384,34 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self._noisy_step()
         self.logger.debug("Empty Poisson batch: took a noise-only step.")
         return self.state.output
+
+
+def _sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Sequence | None,
+                    max_records_per_patient: int | None) -> tuple[PatientDataset | None, dict | None]:
+    """The patient-level dataset to sample (``None`` at record level) and the records-per-patient summary.
+
+    At record level the summary is still computed when the records carry patient ids, so the report can
+    state the (weaker) patient-level guarantee that the record-level run implies.
+    """
+    dataset = loader.dataset if isinstance(loader, DataLoader) else None
+    if unit == "record":
+        if max_records_per_patient is not None:
+            raise ValueError(error_message("max_records_per_patient", "None with privacy_unit='record'",
+                                           max_records_per_patient, "Use privacy_unit='patient'."))
+        ids = list(map(str, patient_ids)) if patient_ids is not None else None
+        if ids is None and dataset is not None:
+            try:
+                ids = patient_ids_of(dataset, patient_key)
+            except ValueError:
+                ids = None
+        return None, (records_per_patient_summary(ids) if ids else None)
+    ids = list(map(str, patient_ids)) if patient_ids is not None else patient_ids_of(dataset, patient_key)
+    units = PatientDataset(dataset, ids, max_records_per_patient)
+    summary = records_per_patient_summary(ids)
+    logger.info("Patient-level DP: %d records of %d patients (records per patient: median %.3g, max %d)%s.",
+                summary["num_records"], summary["num_patients"], summary["median"], summary["max"],
+                "" if max_records_per_patient is None else f"; at most {max_records_per_patient} per patient per step")
+    return units, summary
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -8,6 +8,8 @@ a fresh Opacus computation from the whole history:
   bracket is returned, so ε is a bound; it is close to the exact privacy loss distribution.
 - ``"rdp"``: Opacus' Rényi DP accountant (Mironov 2017) over Opacus' orders plus 128, 256, 512 and 1024;
   a valid but looser bound.
+- ``"pld"``: the privacy loss distribution accountant of Google's ``dp-accounting`` (see
+  :mod:`monai_dp.privacy.pld`): tight, a pessimistic upper bound.
 - ``"gdp"``: Gaussian DP through the central limit theorem (Bu et al. 2020), with Opacus' GDP analysis.
   It is an *approximation*, not a bound: it can under-report ε for few steps or large sample rates.
   Opacus' ``GaussianAccountant`` reads only the last history entry; here the entries compose
@@ -34,7 +36,7 @@ from monai_dp.utils.validation import (
 
 __all__ = ["ACCOUNTANTS", "DPAccountant", "GDPAccountant", "PRVAccountant", "RDPAccountant", "create_accountant"]
 
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+ACCOUNTANTS = ("rdp", "prv", "gdp", "pld")
 PRV_EPS_ERROR = 0.01  # PRV's allowed error on ε; the bound is estimate + error (widened only for huge grids)
 PRV_MAX_GRID = 2**22  # discretisation points; Opacus needs about 190 bytes and 0.5 µs per point
 PRV_MAX_DOMAIN = 500.0  # Opacus' PRV returns inf near 2000; ε is then in the hundreds and RDP is as useful
@@ -306,5 +308,10 @@ _CLASSES: dict[str, type[DPAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccou
 
 
 def create_accountant(name: str) -> DPAccountant:
-    """A new, empty accountant: ``"rdp"``, ``"prv"`` or ``"gdp"`` (case-insensitive)."""
-    return _CLASSES[check_choice("accountant", name, ACCOUNTANTS)]()
+    """A new, empty accountant: ``"rdp"``, ``"prv"``, ``"gdp"`` or ``"pld"`` (case-insensitive)."""
+    name = check_choice("accountant", name, ACCOUNTANTS)
+    if name == "pld":
+        from monai_dp.privacy.pld import PLDAccountant  # imports this module: registered lazily
+
+        return PLDAccountant()
+    return _CLASSES[name]()

@@ -38,7 +38,7 @@ def build(**over):
         ({"target_delta": 0.0}, ValueError, r"`target_delta` must be in \(0, 1/N\)"),
         ({"target_delta": -1e-5}, ValueError, r"`target_delta` must be in \(0, 1/N\)"),
         ({"target_delta": 0.025}, ValueError, r"`target_delta` must be in \(0, 1/N\) = \(0, 0.025\) for N = 40"),
-        ({"accountant": "moments"}, ValueError, r"`accountant` must be one of \['rdp', 'prv', 'gdp'\], got 'moments'"),
+        ({"accountant": "moments"}, ValueError, r"`accountant` must be one of \['rdp', 'prv', 'gdp', 'pld'\], got 'moments'"),
         ({"max_physical_batch_size": 0}, ValueError, r"`max_physical_batch_size` must be an int >= 1, got 0"),
         ({"accumulation_steps": 0}, ValueError, r"`accumulation_steps` must be an int >= 1, got 0"),
         ({"data": []}, ValueError, r"`train_data_loader.dataset` must be non-empty, got '0 items'"),
@@ -77,7 +77,7 @@ def test_non_loader_iterable():
 
 
 def test_batch_larger_than_dataset():
-    with pytest.raises(ValueError, match=r"must be <= the dataset size N = 3, got 4"):
+    with pytest.raises(ValueError, match=r"must be <= the number of records N = 3, got 4"):
         build(data=make_classification_data(n=3))
 
 

@@ -208,7 +208,7 @@ def test_create_accountant(name, cls):
 
 
 def test_unknown_accountant():
-    with pytest.raises(ValueError, match=r"`accountant` must be one of \['rdp', 'prv', 'gdp'\], got 'moments'\."):
+    with pytest.raises(ValueError, match=r"`accountant` must be one of \['rdp', 'prv', 'gdp', 'pld'\], got 'moments'\."):
         create_accountant("moments")
 
 

@@ -73,7 +73,7 @@ def test_unreachable_target_is_a_value_error():
         ({"steps": 0}, ValueError, r"`steps` must be an int >= 1, got 0\."),
         ({"steps": 10.0}, TypeError, r"`steps` must be an int, got 'float'\."),
         ({"epsilon_tolerance": 0.0}, ValueError, r"`epsilon_tolerance` must be a finite number > 0, got 0.0\."),
-        ({"accountant": "moments"}, ValueError, r"`accountant` must be one of \['rdp', 'prv', 'gdp'\], got 'moments'"),
+        ({"accountant": "moments"}, ValueError, r"`accountant` must be one of \['rdp', 'prv', 'gdp', 'pld'\], got 'moments'"),
     ],
 )
 def test_bad_arguments(kwargs, err, match):
