@@ -19,17 +19,22 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
 
-__all__ = ["PrivacyReportHandler", "privacy_report"]
+__all__ = ["PrivacyReportHandler", "patient_level_guarantee", "privacy_report", "report_markdown"]
 
 logger = logging.getLogger(__name__)
 
 
-def privacy_report(engine: Any) -> dict:
-    """The guarantee of a DP trainer's run so far, as plain JSON types."""
+def privacy_report(engine: Any, patient_level: bool = True) -> dict:
+    """The guarantee of a DP trainer's run so far, as plain JSON types.
+
+    For a record-level run whose records carry patient ids, ``patient_level`` adds the guarantee that follows
+    for the patient with the most records (k): tight (Poisson-subsampled mixture of Gaussians, PLD) and, for
+    contrast, the textbook group-privacy bound.
+    """
     import monai_dp
 
     priv = engine.privacy
-    return {
+    report = {
         "epsilon": priv.get_epsilon(),
         "delta": priv.delta,
         "target_epsilon": priv.target_epsilon,
@@ -42,20 +47,83 @@ def privacy_report(engine: Any) -> dict:
         "sampling": priv.sampling,
         "accountant": priv.accountant.name,
         "budget_exhausted": bool(getattr(engine.state, "dp_budget_exhausted", False)),
+        "dataset_id": getattr(priv, "dataset_id", None),
+        "patients": getattr(priv, "patients", None),
+        "patient_level": None,
+        "ledger": getattr(priv, "ledger_info", None),
         "monai_dp_version": monai_dp.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if patient_level and priv.unit == "record" and report["patients"] and priv.steps > 0:
+        report["patient_level"] = patient_level_guarantee(priv.accountant.history, report["patients"]["max"], priv.delta)
+    return report
+
+
+def patient_level_guarantee(history: list, records_per_patient: int, delta: float) -> dict:
+    """ε for a patient with ``records_per_patient`` records of a record-level run with this accountant history."""
+    from monai_dp.privacy import Mechanism, compose_epsilon, group_privacy_epsilon
+
+    k = int(records_per_patient)
+    tight = compose_epsilon([Mechanism(s, q, n, k) for s, q, n in history], delta)
+    loose = None
+    if len(history) == 1:
+        s, q, n = history[0]
+        loose = group_privacy_epsilon(s, q, n, k, delta)
+    return {
+        "records_per_patient": k,
+        "epsilon": tight,
+        "epsilon_group_privacy_formula": loose if loose is None or loose != float("inf") else "inf",
+        "method": "PLD of the Poisson-subsampled mixture of Gaussians (binomial weights over sampled records)",
+    }
+
+
+def report_markdown(report: dict) -> str:
+    """A short human-readable rendering of :func:`privacy_report`."""
+    unit = report["unit"]
+    lines = [
+        f"# Privacy report ({unit}-level DP-SGD)",
+        "",
+        f"**(ε, δ) = ({report['epsilon']:.4g}, {report['delta']:.3g})** for each {unit}, after {report['steps']} "
+        f"steps ({report['accountant'].upper()} accountant).",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| noise multiplier σ | {report['noise_multiplier']:.4g} |",
+        f"| clip norm C | {report['max_grad_norm']:.4g} |",
+        f"| sample rate q | {report['sample_rate']:.4g} ({report['sampling']} sampling) |",
+        f"| {unit}s N | {report['num_units']} |",
+        f"| target ε | {report['target_epsilon']} |",
+        f"| budget exhausted | {report['budget_exhausted']} |",
+        f"| dataset | {report.get('dataset_id')} |",
+    ]
+    pats = report.get("patients")
+    if pats:
+        lines.append(f"| patients / records | {pats['num_patients']} / {pats['num_records']} (records per patient: "
+                     f"min {pats['min']}, median {pats['median']:g}, max {pats['max']}) |")
+    led = report.get("ledger")
+    if led:
+        lines.append(f"| ledger budget | ε = {led.get('budget_epsilon')} at δ = {led.get('budget_delta')} |")
+        lines.append(f"| ledger spent before / after | {led.get('spent_before')} / {led.get('spent_after')} |")
+    pl = report.get("patient_level")
+    if pl:
+        lines += ["", f"This is a record-level guarantee. For a patient with {pl['records_per_patient']} records it "
+                  f"implies only ε = {pl['epsilon']:.4g} at the same δ (group-privacy formula: "
+                  f"{pl['epsilon_group_privacy_formula']}). Train with `privacy_unit=\"patient\"` to protect patients."]
+    return "\n".join(lines) + "\n"
 
 
 def _write_json_atomic(path: str, content: dict) -> None:
+    _write_text_atomic(path, json.dumps(content, indent=4) + "\n")
+
+
+def _write_text_atomic(path: str, text: str) -> None:
     """Write to a temporary file next to ``path`` and rename it over, so a crash never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=4)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,10 +132,11 @@ def _write_json_atomic(path: str, content: dict) -> None:
 
 
 class PrivacyReportHandler:
-    """On ``COMPLETED`` (and ``EXCEPTION_RAISED``), write the run's privacy report.
+    """On ``COMPLETED`` (and ``EXCEPTION_RAISED``), write the run's privacy report (JSON, and markdown beside it).
 
     Args:
-        report_file: JSON file for the report (e.g. ``<bundle>/models/privacy_report.json``).
+        report_file: JSON file for the report (e.g. ``<bundle>/models/privacy_report.json``); the markdown
+            rendering goes to the same name with ``.md``.
         meta_file: a bundle's ``metadata.json`` whose ``privacy`` section is replaced by the report
             (other keys are kept); ``None`` leaves metadata alone.
     """
@@ -102,6 +171,7 @@ class PrivacyReportHandler:
             return  # every rank holds the same accounting; rank 0 writes it
         report = privacy_report(engine)
         _write_json_atomic(self.report_file, report)
+        _write_text_atomic(os.path.splitext(self.report_file)[0] + ".md", report_markdown(report))
         if self.meta_file is not None:
             with open(self.meta_file) as f:
                 meta = json.load(f)
