@@ -141,3 +141,21 @@ def test_multi_gpu_config_runs_under_torchrun_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((root / "models" / "privacy_report.json").read_text())
     assert report["steps"] == int(1 / report["sample_rate"]) and report["epsilon"] > 0
+
+
+@pytest.mark.bundle
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dp_classification_2d", "dp_segmentation_3d"])
+def test_patient_level_from_the_command_line(name, tmp_path):
+    """`--privacy_unit patient`: the synthetic data has two records per patient; patients are sampled and counted."""
+    root = _copy(name, tmp_path)
+    tiny = dict(TINY[name], batch_size=max(2, TINY[name]["batch_size"] // 2))
+    _run(root, ["train.json"], max_epochs=1, target_epsilon=5.0, privacy_unit="patient", **tiny)
+    report = json.loads((root / "models" / "privacy_report.json").read_text())
+    datalist = json.loads((root / "data" / "synthetic" / "dataset.json").read_text())
+    assert report["unit"] == "patient" and report["patient_level"] is None
+    assert report["patients"]["max"] == 2
+    assert report["num_units"] == report["patients"]["num_patients"] < len(datalist["training"])
+    assert 0 < report["epsilon"] <= 5.0
+    md = (root / "models" / "privacy_report.md").read_text()
+    assert "patient-level DP-SGD" in md
