@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
+    p.add_argument("--accountant", default="prv", choices=["prv", "pld", "rdp"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

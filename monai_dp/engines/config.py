@@ -29,6 +29,7 @@ class DPSettings:
     max_grad_norm: float
     accountant: str
     max_physical_batch_size: int | None
+    allow_approximate_accounting: bool = False
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -46,6 +47,14 @@ class DPSettings:
             )
         self.max_grad_norm = check_positive("max_grad_norm", self.max_grad_norm)
         self.accountant = check_choice("accountant", self.accountant, ACCOUNTANTS)
+        if self.accountant == "gdp" and not self.allow_approximate_accounting:
+            raise DPConfigurationError(
+                error_message("accountant", "'prv', 'pld' or 'rdp' unless `allow_approximate_accounting=True`", "gdp",
+                              "GDP accounting is a central-limit approximation, not a bound: it can under-report "
+                              "ε. Use 'prv' or 'pld' (tight bounds).")
+            )
+        if self.accountant == "gdp":
+            logger.warning("accountant='gdp': ε is a central-limit approximation, not a guaranteed bound.")
         if self.max_physical_batch_size is not None:
             check_positive_int("max_physical_batch_size", self.max_physical_batch_size)
 

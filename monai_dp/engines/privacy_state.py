@@ -35,6 +35,11 @@ class PrivacyState:
         self.sampling = sampling
         self.unit = unit
         self.patients: dict | None = None  # records-per-patient summary, when the records carry patient ids
+        self.dataset_id: str | None = None  # fingerprint of the training records, or the id the user gave
+        self.ledger_info: dict | None = None  # ledger totals, for the report
+        self._ledger: Any = None
+        self._ledger_run: Any = None
+        self._ledger_first_step = 0
         self._allowed_total: int | None = None
         self._eps_cache: tuple[int, float, float] | None = None
 
@@ -93,9 +98,41 @@ class PrivacyState:
         return self._allowed_total
 
     def allows_step(self, target_epsilon: float | None = None) -> bool:
-        """Whether one more step keeps ε within the budget (checked before the step)."""
+        """Whether one more step keeps ε within the budget and the ledger's reservation (checked before the step)."""
         allowed = self.allowed_total_steps(target_epsilon)
-        return allowed is None or self.steps + 1 <= allowed
+        return (allowed is None or self.steps + 1 <= allowed) and self.ledger_allows_step()
+
+    # ------------------------------------------------------------------ privacy ledger
+    def ledger_allows_step(self) -> bool:
+        """Whether the ledger's reservation for this run has room for one more step (``True`` without a ledger)."""
+        run = self._ledger_run
+        return run is None or self.steps - self._ledger_first_step + 1 <= run.allowed_steps
+
+    def attach_ledger_run(self, ledger: Any, run: Any, dataset_id: str) -> None:
+        """Charge this run's steps to ``run`` of ``ledger`` from now on."""
+        self._ledger, self._ledger_run, self._ledger_first_step = ledger, run, self.steps
+        budget_eps, budget_delta = ledger.budget(dataset_id)
+        self.ledger_info = {
+            "path": str(getattr(ledger, "path", "")), "dataset_id": dataset_id, "run_id": run.run_id,
+            "budget_epsilon": budget_eps, "budget_delta": budget_delta,
+            "spent_before": run.spent_before, "spent_after": None, "reserved_steps": run.allowed_steps,
+        }
+
+    def before_step(self) -> None:
+        """Write the step to the ledger before it is taken: a crash can then only over-count."""
+        if self._ledger_run is not None:
+            self._ledger_run.claim_step()
+
+    def finish_ledger_run(self, status: str) -> None:
+        """Close the ledger run (``finished``, ``stopped`` or ``failed``) and record the dataset's new total."""
+        run, self._ledger_run = self._ledger_run, None
+        if run is None:
+            return
+        run.finish(status)
+        if self.ledger_info is not None:
+            self.ledger_info["spent_after"] = self._ledger.spent(self.ledger_info["dataset_id"])[0]
+            self.ledger_info["status"] = status
+            self.ledger_info["steps"] = self.steps - self._ledger_first_step
 
     def exhausted_message(self) -> str:
         return (f"Privacy budget ε = {self.target_epsilon:.4g} (δ = {self.delta:.3g}) reached: "

@@ -60,7 +60,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
         target_delta: δ; must be below 1/N. Default ``min(1e-5, 1/(10 N))``.
         noise_multiplier: σ, noise standard deviation relative to ``max_grad_norm``.
         max_grad_norm: clip norm C of each sampled item's gradient.
-        accountant: ``"prv"`` (default, tight), ``"rdp"`` or ``"gdp"``.
+        accountant: ``"prv"`` (default, tight), ``"pld"`` (tight, Google's dp-accounting), ``"rdp"`` (about 9 %
+            looser in ε) or ``"gdp"`` (an approximation, not a bound: needs ``allow_approximate_accounting``).
+        allow_approximate_accounting: allow ``accountant="gdp"``; logged as a WARNING.
         max_physical_batch_size: split a logical (Poisson) batch into physical batches of at most this many items
             (virtual steps); the accounting follows the logical steps. ``accumulation_steps=k`` maps onto this:
             the logical batch is ``k * batch_size`` items and the physical batch ``batch_size``.
@@ -79,6 +81,11 @@ class DPSupervisedTrainer(SupervisedTrainer):
         patient_ids: one patient id per record, instead of reading ``patient_key``.
         max_records_per_patient: at patient level, use at most this many of a patient's records per step, drawn
             at random each step (bounds memory; the guarantee is unchanged since the patient is clipped whole).
+        ledger: a privacy ledger (path of its SQLite file, or a ``PrivacyLedger``): the run is charged to the
+            dataset's budget there, refused before its first step if the budget is spent, shortened if only part
+            of it is left (see :class:`~monai_dp.handlers.PrivacyLedgerHandler`).
+        dataset_id: the dataset's id in the ledger and the report; default: a fingerprint of the training
+            records' identifiers (patient id, image, label).
     """
 
     def __init__(
@@ -125,9 +132,12 @@ class DPSupervisedTrainer(SupervisedTrainer):
         patient_key: str = "patient_id",
         patient_ids: Sequence | None = None,
         max_records_per_patient: int | None = None,
+        ledger: Any = None,
+        dataset_id: str | None = None,
+        allow_approximate_accounting: bool = False,
     ) -> None:
         settings = DPSettings(target_epsilon, target_delta, noise_multiplier, max_grad_norm, accountant,
-                              max_physical_batch_size)
+                              max_physical_batch_size, allow_approximate_accounting)
         self._refuse_unsafe_options(iteration_update, compile)
         check_positive_int("accumulation_steps", accumulation_steps)
         check_positive_int("max_epochs", max_epochs)
@@ -168,6 +178,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling, unit=unit,
         )
         self.privacy.patients = patients
+        self.privacy.dataset_id = dataset_id if dataset_id is not None else _fingerprint(train_data_loader, patient_key)
         self.physical_batch_size = physical
         self.dp_network_params = self._trainable_in_optimizer(network, optimizer)
         generator = None
@@ -184,7 +195,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         )
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
 
-        from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler
+        from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler, PrivacyLedgerHandler
 
         handlers = list(train_handlers or [])
         own: list = []
@@ -192,6 +203,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             own.append(PrivacyAccountantHandler())
         if not any(isinstance(h, PrivacyBudgetHandler) for h in handlers):
             own.append(PrivacyBudgetHandler())
+        if ledger is not None and not any(isinstance(h, PrivacyLedgerHandler) for h in handlers):
+            own.insert(0, PrivacyLedgerHandler(ledger, self.privacy.dataset_id))
         super().__init__(
             device=device, max_epochs=max_epochs, train_data_loader=loader, network=network, optimizer=dp_optimizer,
             loss_function=loss_function, epoch_length=epoch_length, non_blocking=non_blocking,
@@ -275,6 +288,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
         """Run training. Unlike ``SupervisedTrainer.run`` no GradScaler is created: DP never scales gradients."""
         self.scaler = None
         Workflow.run(self)
+
+    def _handle_exception(self, e: BaseException) -> None:
+        """Close the ledger run as ``failed`` (what it spent stays counted) before Ignite handles the exception."""
+        try:
+            self.privacy.finish_ledger_run("failed")
+        except Exception as err:  # never hide the original error
+            self.logger.error("Could not close the privacy ledger run: %s", err)
+        super()._handle_exception(e)
 
     def get_epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: ``target_delta``)."""
@@ -369,6 +390,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             p.grad_sample = None
 
     def _noisy_step(self) -> None:
+        self.privacy.before_step()
         self.optimizer.signal_skip_step(do_skip=False)
         self.optimizer.step()
         self.privacy.record_step()
@@ -412,6 +434,20 @@ def _sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Seque
                 summary["num_records"], summary["num_patients"], summary["median"], summary["max"],
                 "" if max_records_per_patient is None else f"; at most {max_records_per_patient} per patient per step")
     return units, summary
+
+
+def _fingerprint(loader: Any, patient_key: str) -> str | None:
+    """Fingerprint of the training records' identifiers (``None`` when the dataset has no record list)."""
+    records = getattr(getattr(loader, "dataset", None), "data", None)
+    if not isinstance(records, (list, tuple)) or not records:
+        return None
+    from monai_dp.privacy.fingerprint import dataset_fingerprint
+
+    try:
+        return dataset_fingerprint(records, keys=(patient_key, "image", "label"))
+    except (TypeError, ValueError) as err:
+        logger.warning("Could not fingerprint the training records (%s); pass `dataset_id`.", err)
+        return None
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -53,15 +53,21 @@ class PrivacyBudgetHandler:
 
     def __call__(self, engine: Engine) -> None:
         budget = self._budget(engine)
-        if budget is None or engine.privacy.allows_step(budget):
-            return
         priv = engine.privacy
+        within_budget = budget is None or priv.allows_step(budget)
+        if within_budget and priv.ledger_allows_step():
+            return
         self.stopped_at = priv.steps
         engine.state.dp_budget_exhausted = True
-        self.logger.info(
-            "Privacy budget reached: ε = %.4f after %d steps (δ = %.3g); one more step would exceed ε = %.4g. "
-            "Stopping training.", priv.get_epsilon(), priv.steps, priv.delta, budget,
-        )
+        if not priv.ledger_allows_step():
+            self.logger.info("Privacy ledger: this run used the %d steps the dataset's remaining budget allows "
+                             "(ε = %.4f for this run, δ = %.3g). Stopping training.",
+                             priv.ledger_info["reserved_steps"], priv.get_epsilon(), priv.delta)
+        else:
+            self.logger.info(
+                "Privacy budget reached: ε = %.4f after %d steps (δ = %.3g); one more step would exceed ε = %.4g. "
+                "Stopping training.", priv.get_epsilon(), priv.steps, priv.delta, budget,
+            )
         engine.terminate()
 
     def state_dict(self) -> dict:

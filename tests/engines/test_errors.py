@@ -38,6 +38,8 @@ def build(**over):
         ({"target_delta": 0.0}, ValueError, r"`target_delta` must be in \(0, 1/N\)"),
         ({"target_delta": -1e-5}, ValueError, r"`target_delta` must be in \(0, 1/N\)"),
         ({"target_delta": 0.025}, ValueError, r"`target_delta` must be in \(0, 1/N\) = \(0, 0.025\) for N = 40"),
+        ({"accountant": "gdp"}, ValueError, r"`accountant` must be 'prv', 'pld' or 'rdp' unless "
+         r"`allow_approximate_accounting=True`, got 'gdp'\. GDP accounting is a central-limit approximation"),
         ({"accountant": "moments"}, ValueError, r"`accountant` must be one of \['rdp', 'prv', 'gdp', 'pld'\], got 'moments'"),
         ({"max_physical_batch_size": 0}, ValueError, r"`max_physical_batch_size` must be an int >= 1, got 0"),
         ({"accumulation_steps": 0}, ValueError, r"`accumulation_steps` must be an int >= 1, got 0"),
@@ -106,3 +108,10 @@ def test_non_poisson_needs_flag_and_warns(caplog):
 def test_incompatible_network_without_conversion_names_layers():
     with pytest.raises(DPIncompatibleModuleError, match=r"`features.1`: BatchNorm2d .*GroupNorm"):
         build(make_compatible=False)
+
+
+def test_gdp_needs_the_approximation_flag_and_warns(caplog):
+    with caplog.at_level("WARNING"):
+        trainer = build(accountant="gdp", allow_approximate_accounting=True)
+    assert trainer.privacy.accountant.name == "gdp"
+    assert "not a guaranteed bound" in caplog.text

@@ -1,0 +1,108 @@
+"""PrivacyLedgerHandler: charge a DP training run to the dataset's privacy budget in the privacy ledger."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from monai.utils import min_version, optional_import
+
+from monai_dp.handlers.utils import require_dict, require_dp_engine
+from monai_dp.utils.validation import error_message
+
+Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
+
+__all__ = ["PrivacyLedgerHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+def open_ledger(ledger: Any):
+    """A :class:`~monai_dp.privacy.ledger.PrivacyLedger` from a path or a ledger object."""
+    from monai_dp.privacy.ledger import PrivacyLedger
+
+    if isinstance(ledger, PrivacyLedger):
+        return ledger
+    if isinstance(ledger, (str, os.PathLike)):
+        return PrivacyLedger(ledger)
+    raise TypeError(error_message("ledger", "a path to the ledger's SQLite file or a PrivacyLedger",
+                                  type(ledger).__name__))
+
+
+class PrivacyLedgerHandler:
+    """Reserve the run's steps in the ledger at ``STARTED`` and record what it spent when it ends.
+
+    At ``STARTED`` (before the first step) the ledger composes every earlier run on the dataset with this one:
+    a run that does not fit is refused with :class:`~monai_dp.utils.errors.PrivacyBudgetExhaustedError`, one
+    that partly fits is shortened (the trainer stops when its reservation is used). Every step is written to the
+    ledger *before* it is taken (see ``PrivacyState.before_step``), so a crash can only over-count. On
+    ``COMPLETED`` the run is closed as ``finished`` (or ``stopped`` when a budget ended it); on an exception the
+    trainer closes it as ``failed``. The trainer attaches this handler itself when given ``ledger=``.
+
+    Args:
+        ledger: the ledger's SQLite file, or a ``PrivacyLedger``.
+        dataset_id: the dataset's id in the ledger; default: the trainer's (the fingerprint of its records).
+        note: free text stored with the run (e.g. the experiment name).
+    """
+
+    def __init__(self, ledger: Any, dataset_id: str | None = None, note: str = "") -> None:
+        self.ledger = ledger
+        self.dataset_id = dataset_id
+        self.note = str(note)
+        self.run_id: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``STARTED`` and ``COMPLETED``; attaching twice does nothing."""
+        require_dp_engine(engine)
+        if not engine.has_event_handler(self.started, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self.started)
+        if not engine.has_event_handler(self.completed, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def __call__(self, engine: Engine) -> None:
+        self.started(engine)
+
+    def started(self, engine: Engine) -> None:
+        priv = engine.privacy
+        ledger = open_ledger(self.ledger)
+        dataset_id = self.dataset_id or priv.dataset_id
+        remaining = max(int(engine.state.max_epochs) * int(engine.state.epoch_length) - int(engine.state.iteration), 0)
+        run = ledger.begin_run(dataset_id, noise_multiplier=priv.noise_multiplier, sample_rate=priv.sample_rate,
+                               max_grad_norm=priv.max_grad_norm, planned_steps=max(remaining, 1), unit=priv.unit,
+                               group_size=self._group_size(ledger, dataset_id, priv), note=self.note)
+        priv.attach_ledger_run(ledger, run, dataset_id)
+        self.run_id = run.run_id
+        if run.allowed_steps < remaining:
+            engine.logger.warning("Privacy ledger: dataset %r has budget left for %d of the %d planned steps; this "
+                                  "run stops after %d steps.", dataset_id, run.allowed_steps, remaining,
+                                  run.allowed_steps)
+
+    @staticmethod
+    def _group_size(ledger: Any, dataset_id: str, priv: Any) -> int:
+        """1, or for a record-level run charged to a patient-level budget, the most records of one patient."""
+        if priv.unit == "patient" or ledger.dataset_unit(dataset_id) == "record":
+            return 1
+        if not priv.patients:
+            raise ValueError(
+                error_message("ledger", f"a record-unit budget for a run without patient ids (dataset {dataset_id!r})",
+                              "a patient-unit budget",
+                              "Give every record a patient id (`patient_key`) so the run's patient-level cost "
+                              "can be charged, or train with privacy_unit='patient'.")
+            )
+        return int(priv.patients["max"])
+
+    def completed(self, engine: Engine) -> None:
+        status = "stopped" if getattr(engine.state, "dp_budget_exhausted", False) else "finished"
+        engine.privacy.finish_ledger_run(status)
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        require_dict(state_dict)
+        self.run_id = state_dict.get("run_id")
