@@ -159,3 +159,30 @@ def test_patient_level_from_the_command_line(name, tmp_path):
     assert 0 < report["epsilon"] <= 5.0
     md = (root / "models" / "privacy_report.md").read_text()
     assert "patient-level DP-SGD" in md
+
+
+@pytest.mark.bundle
+@pytest.mark.slow
+def test_second_bundle_run_is_refused_by_the_ledger(tmp_path, capsys):
+    """Run a bundle twice on the same data with a ledger: the second run is refused, naming what was spent."""
+    from monai_dp.__main__ import main
+    from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+
+    name = "dp_classification_2d"
+    root = _copy(name, tmp_path)
+    ledger = tmp_path / "ledger.db"
+    over = dict(TINY[name], max_epochs=1, target_epsilon=3.0, ledger=str(ledger), dataset_id="synthetic-lesions")
+    assert main(["ledger", "init", "--ledger", str(ledger), "--dataset-id", "synthetic-lesions", "--epsilon", "3",
+                 "--delta", "1e-3"]) == 0
+    _run(root, ["train.json"], target_delta=1e-3, **over)
+    first = json.loads((root / "models" / "privacy_report.json").read_text())
+    assert first["ledger"]["spent_before"] == 0.0 and first["ledger"]["status"] in ("finished", "stopped")
+    with pytest.raises(RuntimeError) as err:  # MONAI's runner wraps the error raised in the config expression
+        _run(root, ["train.json"], target_delta=1e-3, **over)
+    cause = err.value.__cause__
+    assert isinstance(cause, PrivacyBudgetExhaustedError), repr(cause)
+    assert "synthetic-lesions" in str(cause) and "spent ε = 2.9" in str(cause) and "Runs that spent it" in str(cause)
+    capsys.readouterr()
+    assert main(["ledger", "show", "--ledger", str(ledger), "--dataset-id", "synthetic-lesions"]) == 0
+    shown = capsys.readouterr().out
+    assert "synthetic-lesions" in shown
