@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from monai.utils import min_version, optional_import
 
 from monai_dp.handlers.utils import require_dict, require_dp_engine
+from monai_dp.utils.errors import PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import error_message
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
@@ -32,6 +33,40 @@ def open_ledger(ledger: Any):
         return PrivacyLedger(ledger)
     raise TypeError(error_message("ledger", "a path to the ledger's SQLite file or a PrivacyLedger",
                                   type(ledger).__name__))
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _FollowerRun:
+    """Another rank's view of rank 0's ledger run: the same reservation, no writes (rank 0 claims the steps)."""
+
+    run_id = None
+    spent_before = None
+
+    def __init__(self, allowed_steps: int) -> None:
+        self.allowed_steps = allowed_steps
+
+    def claim_step(self) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+class _FollowerLedger:
+    path = ""
+
+    def budget(self, dataset_id: str) -> tuple[None, None]:
+        return None, None
+
+    def spent(self, dataset_id: str) -> tuple[None, list]:
+        return None, []
 
 
 class PrivacyLedgerHandler:
@@ -69,12 +104,34 @@ class PrivacyLedgerHandler:
 
     def started(self, engine: Engine) -> None:
         priv = engine.privacy
-        ledger = open_ledger(self.ledger)
         dataset_id = self.dataset_id or priv.dataset_id
+        if dataset_id is None:
+            raise ValueError(error_message("dataset_id", "given with a ledger when the records cannot be fingerprinted",
+                                           None, "Pass `dataset_id` to the trainer."))
         remaining = max(int(engine.state.max_epochs) * int(engine.state.epoch_length) - int(engine.state.iteration), 0)
-        run = ledger.begin_run(dataset_id, noise_multiplier=priv.noise_multiplier, sample_rate=priv.sample_rate,
-                               max_grad_norm=priv.max_grad_norm, planned_steps=max(remaining, 1), unit=priv.unit,
-                               group_size=self._group_size(ledger, dataset_id, priv), note=self.note)
+        rank, world = _rank_world()
+        ledger, run, failure = None, None, None
+        if rank == 0:  # one run per training job: rank 0 holds the ledger, the others follow its reservation
+            try:
+                ledger = open_ledger(self.ledger)
+                run = ledger.begin_run(dataset_id, noise_multiplier=priv.noise_multiplier,
+                                       sample_rate=priv.sample_rate, max_grad_norm=priv.max_grad_norm,
+                                       planned_steps=max(remaining, 1), unit=priv.unit,
+                                       group_size=self._group_size(ledger, dataset_id, priv), note=self.note)
+            except Exception as err:
+                failure = err
+        if world > 1:
+            import torch.distributed as dist
+
+            shared = [None if run is None else run.allowed_steps, None if failure is None else str(failure)]
+            dist.broadcast_object_list(shared, src=0)
+            if rank != 0:
+                if shared[1] is not None:
+                    failure = PrivacyBudgetExhaustedError(f"rank 0: {shared[1]}")
+                else:
+                    ledger, run = _FollowerLedger(), _FollowerRun(int(shared[0]))
+        if failure is not None:
+            raise failure
         priv.attach_ledger_run(ledger, run, dataset_id)
         self.run_id = run.run_id
         if run.allowed_steps < remaining:

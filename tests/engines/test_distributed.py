@@ -73,3 +73,43 @@ def test_two_process_step_equals_single_process_reference(tmp_path):
     expected = _reference_update(net, x, y, torch.arange(len(idx)), 4)
     for got, exp in zip(r0["final"], expected):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def _ledger_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from monai.data import DataLoader
+
+        from monai_dp.engines import DPSupervisedTrainer
+
+        net = TinyClassifier()
+        trainer = DPSupervisedTrainer(device="cpu", max_epochs=2, train_data_loader=DataLoader(
+                                          make_classification_data(n=40), batch_size=4),
+                                      network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                      loss_function=torch.nn.CrossEntropyLoss(), noise_multiplier=SIGMA,
+                                      max_grad_norm=CLIP, target_delta=1e-3, ledger=f"{out}/ledger.db",
+                                      dataset_id="ds")
+        trainer.run()
+        torch.save({"steps": trainer.dp_steps}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_make_one_ledger_run_and_follow_its_reservation(tmp_path):
+    import socket
+
+    from monai_dp.privacy import Mechanism, compose_epsilon
+    from monai_dp.privacy.ledger import PrivacyLedger
+
+    budget = compose_epsilon([Mechanism(SIGMA, 0.1, 13)], 1e-3)  # room for 13 of the 20 planned steps
+    PrivacyLedger(tmp_path / "ledger.db").init_dataset("ds", epsilon=budget, delta=1e-3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ledger_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    steps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["steps"] for r in (0, 1)]
+    runs = PrivacyLedger(tmp_path / "ledger.db").spent("ds").runs
+    assert len(runs) == 1, "one ledger run per job, not per process"
+    assert steps == [runs[0]["steps_taken"]] * 2 and 12 <= steps[0] <= 13
