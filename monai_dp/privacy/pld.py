@@ -24,7 +24,7 @@ from monai_dp.privacy.accountants import DPAccountant, History, _check_count, _c
 from monai_dp.utils.validation import check_open_unit_interval, check_positive
 
 __all__ = ["Mechanism", "PLDAccountant", "compose_epsilon", "group_privacy_epsilon", "max_steps_within_budget",
-           "patient_level_epsilon"]
+           "patient_level_epsilon", "privacy_profile"]
 
 PLD_INTERVAL = 1e-4  # value discretisation of the privacy loss for single records (dp_accounting's default)
 PLD_GROUP_INTERVAL = 1e-3  # for groups: the loss range grows with k; still an upper bound, slightly looser
@@ -159,6 +159,24 @@ def max_steps_within_budget(spent: Sequence[Mechanism | Sequence], noise_multipl
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
+
+
+def privacy_profile(mechanisms: Sequence[Mechanism | Sequence], epsilons: Sequence[float]) -> list[float]:
+    """δ(ε) of the composed ``mechanisms`` at each ε of ``epsilons`` (the privacy profile; an upper bound).
+
+    The profile determines the mechanism's whole trade-off curve between false and true positive rates of any
+    membership test, which :mod:`monai_dp.audit.bounds` turns into bounds on attacks.
+    """
+    mech = tuple(m for m in (_check(m) for m in mechanisms) if m.steps > 0)
+    if not mech:
+        return [0.0 for _ in epsilons]
+    if any(m.noise_multiplier == 0 for m in mech):
+        return [1.0 for _ in epsilons]
+    dp_event, pld = _dp_accounting()
+    interval = PLD_INTERVAL if all(m.group_size == 1 for m in mech) else PLD_GROUP_INTERVAL
+    acc = pld.PLDAccountant(value_discretization_interval=max(interval, 1e-3))
+    acc.compose(dp_event.ComposedDpEvent([_event(m) for m in mech]))
+    return [float(min(1.0, max(0.0, acc.get_delta(float(e))))) for e in epsilons]
 
 
 class PLDAccountant(DPAccountant):
