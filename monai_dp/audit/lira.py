@@ -52,8 +52,10 @@ def _save_atomic(path: Path, **arrays) -> None:
 
 
 def _train_one(recipe: Callable, train_indices: np.ndarray, seed: int, path: str) -> str:
-    logits = np.asarray(recipe(train_indices, seed), dtype=np.float32)
-    _save_atomic(Path(path), logits=logits, train_indices=train_indices, seed=seed)
+    result = recipe(train_indices, seed)
+    logits, history = result if isinstance(result, tuple) else (result, [])
+    _save_atomic(Path(path), logits=np.asarray(logits, dtype=np.float32), train_indices=train_indices, seed=seed,
+                 history=np.asarray(history, dtype=np.float64).reshape(-1, 3))
     return path
 
 
@@ -63,7 +65,8 @@ def run_lira(recipe: Callable, labels: Sequence[int], patient_ids: Sequence, out
     """Train (or resume) the audit's models and return ``scores`` and ``member`` of shape (models, records).
 
     Args:
-        recipe: picklable ``recipe(train_indices, seed) -> (records, classes) logits`` of every record.
+        recipe: picklable ``recipe(train_indices, seed)`` returning the ``(records, classes)`` logits of every
+            record, or ``(logits, history)`` with the run's accountant history ``[(σ, q, steps), ...]``.
         labels: the label of every record (for the logit-scaled confidence).
         patient_ids: the patient of every record; patients are split into halves, never records.
         out_dir: folder for ``membership.npy`` and one ``model_XXXX.npz`` per finished model.
@@ -104,5 +107,7 @@ def run_lira(recipe: Callable, labels: Sequence[int], patient_ids: Sequence, out
                 done += 1
                 report()
     labels = np.asarray(labels)
-    scores = np.stack([logit_confidence(np.load(p)["logits"], labels) for p in paths])
-    return {"scores": scores, "member": member}
+    loaded = [np.load(p) for p in paths]
+    scores = np.stack([logit_confidence(f["logits"], labels) for f in loaded])
+    histories = [[(float(s), float(q), int(n)) for s, q, n in f["history"]] for f in loaded]
+    return {"scores": scores, "member": member, "histories": histories}

@@ -12,7 +12,7 @@ __all__ = ["ArrayClassifierRecipe", "make_small_cnn"]
 
 def make_small_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 16):
     """A small GroupNorm CNN for 2D images (the audit's default model)."""
-    import torch.nn as nn
+    from torch import nn
 
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.Tanh(), nn.MaxPool2d(2),
@@ -79,4 +79,5 @@ class ArrayClassifierRecipe:
         with torch.no_grad():
             for s in range(0, len(self.images), 512):
                 out.append(net(torch.as_tensor(self.images[s : s + 512]).to(device)).float().cpu().numpy())
-        return np.concatenate(out)
+        logits = np.concatenate(out)
+        return (logits, trainer.privacy.accountant.history) if self.dp else logits

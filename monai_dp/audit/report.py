@@ -1,0 +1,167 @@
+"""The audit report: who is exposed, and whether the DP guarantee held.
+
+:func:`analyse` turns LiRA scores into record, patient and aggregate statistics and compares them with the
+bound the run's guarantee implies; :func:`write_report` writes CSVs, ``summary.json``, ``report.md``,
+``report.html`` and PNG figures (matplotlib, the ``audit`` extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from monai_dp.audit.bounds import tradeoff_curve
+from monai_dp.audit.mia import (
+    lira_record_stats,
+    null_max_auc,
+    patient_max,
+    roc,
+    tail_composition,
+)
+from monai_dp.privacy.pld import Mechanism
+
+__all__ = ["analyse", "write_report"]
+
+FPRS = (0.001, 0.01)
+
+
+def analyse(scores: np.ndarray, member: np.ndarray, patient_ids: Sequence, mechanisms: Sequence[Mechanism] | None,
+            unit: str = "record", metadata: Mapping[str, Sequence] | None = None, percentile: float = 99.0) -> dict:
+    """Record/patient AUCs, the standard one-target-model protocol, DP bounds with flags, subgroup tail."""
+    rec = lira_record_stats(scores, member)
+    pat = patient_max(rec["auc"], patient_ids, rec["auc_se"])
+    std = roc(scores[0], member[0], FPRS)  # the standard protocol: one target model, all records pooled
+    ks = np.unique(pat["num_records"])
+    n_in, n_out = int(np.median(rec["n_in"])), int(np.median(rec["n_out"]))
+    null = {int(k): null_max_auc(int(k), n_in, n_out, num_sim=500) for k in ks}
+    out: dict = {"unit": unit, "num_models": int(scores.shape[0]), "num_records": int(scores.shape[1]),
+                 "num_patients": len(pat["patient_id"]), "record": rec, "patient": pat,
+                 "aggregate": {"auc": std["auc"], "tpr_at_fpr": std["tpr_at_fpr"], "fpr": std["fpr"],
+                               "tpr": std["tpr"]},
+                 "null_patient_auc": null, "bound": None}
+    if mechanisms:
+        curve = tradeoff_curve(mechanisms)
+        bound = curve.auc_bound()
+        out["bound"] = {"auc": bound, "tpr_at_fpr": {f: float(curve.tpr_bound(f)[0]) for f in FPRS},
+                        "mechanisms": [list(m) for m in mechanisms]}
+        out["record_flag"] = rec["auc"] - rec["auc_se"] > bound
+        out["patient_flag"] = pat["auc"] - pat["auc_se"] > bound
+    if metadata:
+        out["subgroups"] = tail_composition(rec["auc"], metadata, percentile)
+    return out
+
+
+def _plots(res: dict, folder: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = []
+    auc = np.sort(res["patient"]["auc"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.step(auc, 1 - np.arange(len(auc)) / len(auc), where="post", label="patients")
+    if res["bound"]:
+        ax.axvline(res["bound"]["auc"], color="red", ls="--", label=f"DP bound {res['bound']['auc']:.3f}")
+    ax.set(xlabel="patient membership AUC (max over records)", ylabel="fraction of patients ≥ x", xlim=(0.5, 1.0))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "patient_auc_survival.png", dpi=120)
+    names.append("patient_auc_survival.png")
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.loglog(np.maximum(res["aggregate"]["fpr"], 1e-5), np.maximum(res["aggregate"]["tpr"], 1e-5))
+    ax.plot([1e-5, 1], [1e-5, 1], color="grey", ls=":")
+    ax.set(xlabel="FPR", ylabel="TPR", title=f"standard protocol, AUC {res['aggregate']['auc']:.3f}")
+    fig.tight_layout()
+    fig.savefig(folder / "aggregate_roc.png", dpi=120)
+    names.append("aggregate_roc.png")
+    for col, info in (res.get("subgroups") or {}).get("columns", {}).items():
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(info["groups"], info["pearson_residual"])
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(ylabel="Pearson residual", title=f"{col} in the top tail (p = {info['p_value']:.2g})")
+        fig.tight_layout()
+        fig.savefig(folder / f"subgroup_{col}.png", dpi=120)
+        names.append(f"subgroup_{col}.png")
+    plt.close("all")
+    return names
+
+
+def _csv(path: Path, columns: dict) -> None:
+    keys = list(columns)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for row in zip(*(np.asarray(columns[k]).tolist() for k in keys)):
+            w.writerow(row)
+
+
+def _markdown(res: dict, figures: list[str]) -> str:
+    pat, agg, b = res["patient"], res["aggregate"], res["bound"]
+    lines = [f"# Privacy audit ({res['unit']}-level training)", "",
+             f"{res['num_models']} models, {res['num_records']} records of {res['num_patients']} patients.", "",
+             "| measure | value |", "|---|---|",
+             f"| aggregate MIA AUC (one target model) | {agg['auc']:.3f} |"]
+    lines += [f"| aggregate TPR at FPR {f:g} | {t:.4f} |" for f, t in agg["tpr_at_fpr"].items()]
+    lines += [f"| median / max patient AUC | {np.median(pat['auc']):.3f} / {pat['auc'].max():.3f} |",
+              f"| patients with AUC > 0.9 | {int((pat['auc'] > 0.9).sum())} |"]
+    if b:
+        lines += [f"| AUC bound implied by the guarantee | {b['auc']:.3f} |",
+                  f"| patients above the bound (beyond 1 SE) | {int(res['patient_flag'].sum())} |",
+                  f"| records above the bound (beyond 1 SE) | {int(res['record_flag'].sum())} |"]
+    lines += ["", "Null calibration (no leakage) of the patient maximum, by records per patient: " + ", ".join(
+        f"k = {k}: {v:.3f}" for k, v in res["null_patient_auc"].items()) + "."]
+    if b and res["patient_flag"].any():
+        note = ("expected for patients with several records under record-level DP" if res["unit"] == "record"
+                else "this must not happen under patient-level DP: the guarantee did not hold")
+        lines += ["", f"**{int(res['patient_flag'].sum())} patients exceed the bound** ({note})."]
+    top = np.argsort(-pat["auc"])[:10]
+    lines += ["", "Most exposed patients:", "", "| patient | records | AUC | SE |", "|---|---|---|---|"]
+    lines += [f"| {pat['patient_id'][i]} | {pat['num_records'][i]} | {pat['auc'][i]:.3f} | {pat['auc_se'][i]:.3f} |"
+              for i in top]
+    for col, info in (res.get("subgroups") or {}).get("columns", {}).items():
+        lines += ["", f"Subgroup `{col}` in the top {100 - res['subgroups']['percentile']:g} % of records "
+                  f"(χ² p = {info['p_value']:.3g}):", "", "| group | observed | expected | residual |", "|---|---|---|---|"]
+        lines += [f"| {g} | {o} | {e:.1f} | {r:+.2f} |" for g, o, e, r in zip(info["groups"], info["observed"],
+                                                                             info["expected"], info["pearson_residual"])]
+    lines += [""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(res: dict, folder: str | Path, record_ids: Sequence | None = None) -> Path:
+    """Write the audit folder; returns the path of ``report.md``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rec, pat = res["record"], res["patient"]
+    cols = {"record": record_ids if record_ids is not None else np.arange(res["num_records"]),
+            **{k: rec[k] for k in ("auc", "auc_se", "mu_in", "sd_in", "mu_out", "sd_out", "n_in", "n_out")}}
+    if "record_flag" in res:
+        cols["above_bound"] = res["record_flag"].astype(int)
+    _csv(folder / "records.csv", cols)
+    pcols = {k: pat[k] for k in ("patient_id", "num_records", "auc", "auc_se")}
+    if "patient_flag" in res:
+        pcols["above_bound"] = res["patient_flag"].astype(int)
+    _csv(folder / "patients.csv", pcols)
+    summary = {"unit": res["unit"], "num_models": res["num_models"], "num_records": res["num_records"],
+               "num_patients": res["num_patients"],
+               "aggregate": {"auc": res["aggregate"]["auc"], "tpr_at_fpr": res["aggregate"]["tpr_at_fpr"]},
+               "patient_auc": {"median": float(np.median(pat["auc"])), "max": float(pat["auc"].max())},
+               "bound": res["bound"], "null_patient_auc": res["null_patient_auc"],
+               "patients_above_bound": int(res["patient_flag"].sum()) if "patient_flag" in res else None,
+               "subgroups": res.get("subgroups")}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    md = _markdown(res, _plots(res, folder))
+    (folder / "report.md").write_text(md)
+    text = "\n".join(line for line in md.splitlines() if not line.startswith("!["))
+    images = "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>" for f in
+                     (line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")))
+    body = f"<pre>{html.escape(text)}</pre>{images}"
+    (folder / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>Privacy audit</title>{body}\n")
+    return folder / "report.md"
