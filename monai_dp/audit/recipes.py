@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayClassifierRecipe", "make_small_cnn"]
+__all__ = ["ArrayClassifierRecipe", "BundleRecipe", "make_small_cnn"]
 
 
 def make_small_cnn(in_channels: int = 1, num_classes: int = 2, width: int = 16):
@@ -81,3 +84,70 @@ class ArrayClassifierRecipe:
                 out.append(net(torch.as_tensor(self.images[s : s + 512]).to(device)).float().cpu().numpy())
         logits = np.concatenate(out)
         return (logits, trainer.privacy.accountant.history) if self.dp else logits
+
+
+@dataclass
+class BundleRecipe:
+    """Train a classification bundle (e.g. ``bundles/dp_classification_2d``) exactly as configured, on a subset.
+
+    The audited population is the bundle's training split (``datalist['training']``). Each call copies the
+    bundle's configs to a temporary bundle root, trains on ``train_indices`` of that split through MONAI's
+    ``ConfigWorkflow`` (validation switched off), and returns the logits of every record of the split (with the
+    validation preprocessing) and the run's accountant history.
+    """
+
+    bundle_root: str
+    overrides: dict = field(default_factory=dict)
+    config_file: str = "configs/train.json"
+    patient_key: str = "patient_id"
+
+    def _workflow(self, root: str, **extra):
+        from monai.bundle import ConfigWorkflow
+
+        return ConfigWorkflow(config_file=str(Path(root) / self.config_file), workflow_type="train",
+                              **{**self.overrides, "bundle_root": root, **extra})
+
+    def records(self) -> list[dict]:
+        """The audited records (the bundle's training split), with labels and patient ids."""
+        with tempfile.TemporaryDirectory() as tmp:
+            root = self._copy(tmp)
+            wf = self._workflow(root)
+            return list(wf.parser.get_parsed_content("datalist")["training"])
+
+    def _copy(self, tmp: str) -> str:
+        root = str(Path(tmp) / "bundle")
+        shutil.copytree(Path(self.bundle_root) / "configs", Path(root) / "configs")
+        data = Path(self.bundle_root) / "data"
+        if data.exists():
+            shutil.copytree(data, Path(root) / "data")
+        return root
+
+    def __call__(self, train_indices: np.ndarray, seed: int):
+        import torch
+        from monai.data import DataLoader, Dataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = self._copy(tmp)
+            indices = [int(i) for i in train_indices]
+            # the bundle's own `seed` fixes its data and split, so it stays; the model's seed varies the training
+            wf = self._workflow(root, val_interval=10**9,
+                                **{"train#dataset#data": f"$[@datalist['training'][i] for i in {indices}]"})
+            wf.initialize()
+            from monai.utils import set_determinism
+
+            set_determinism(seed=int(seed))
+            wf.run()
+            parser = wf.parser
+            net = parser.get_parsed_content("network")
+            trainer = parser.get_parsed_content("train#trainer")
+            records = parser.get_parsed_content("datalist")["training"]
+            ds = Dataset(records, transform=parser.get_parsed_content("validate#preprocessing"))
+            device = next(net.parameters()).device
+            net.eval()
+            out = []
+            with torch.no_grad():
+                for batch in DataLoader(ds, batch_size=64):
+                    out.append(net(batch["image"].to(device)).float().cpu().numpy())
+            history = getattr(getattr(trainer, "privacy", None), "accountant", None)
+            logits = np.concatenate(out)
+            return (logits, history.history) if history is not None else logits

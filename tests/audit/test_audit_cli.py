@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from monai_dp.__main__ import main
 from monai_dp.audit.report import analyse
@@ -44,3 +45,21 @@ def test_patients_above_the_bound_are_flagged():
     assert res["bound"]["auc"] < 0.6
     assert res["record_flag"].tolist() == [False] * 5 + [True]
     assert res["patient_flag"].tolist() == [False, False, False, False, True]
+
+
+@pytest.mark.slow
+@pytest.mark.bundle
+def test_cli_audits_a_bundle_recipe(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "dp_classification_2d"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "bundles" / "dp_classification_2d", root)
+    over = ["synthetic_items=40", "synthetic_size=32", "image_size=[32, 32]", "batch_size=8", "max_epochs=1",
+            f'synthetic_dir="{tmp_path / "syn"}"']
+    rc = main(["audit", "--out", str(tmp_path / "audit"), "--bundle", str(root), "--num-models", "4",
+               *sum((["--override", o] for o in over), [])])
+    assert rc == 0
+    summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
+    assert summary["num_models"] == 4 and summary["unit"] == "record" and summary["bound"]["auc"] > 0.5
+    assert summary["num_patients"] < summary["num_records"], "synthetic bundle data has two records per patient"
