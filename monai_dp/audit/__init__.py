@@ -1,4 +1,5 @@
 from .bounds import TradeOffCurve, gdp_reconstruction_bound, single_point_curve, tradeoff_curve
+from .canary import dirac_canary_scores, empirical_epsilon, estimate_mu
 from .lira import membership_matrix, run_lira
 from .recipes import ArrayClassifierRecipe
 from .report import analyse, write_report
@@ -8,6 +9,9 @@ __all__ = [
     "ArrayClassifierRecipe",
     "TradeOffCurve",
     "analyse",
+    "dirac_canary_scores",
+    "empirical_epsilon",
+    "estimate_mu",
     "gdp_reconstruction_bound",
     "make_audit_dataset",
     "membership_matrix",
