@@ -1,0 +1,332 @@
+"""Mixed ghost clipping: the sum of clipped per-item gradients without materialising them all.
+
+Bu et al. 2022 ("Scalable and efficient training of large convolutional neural networks with
+differential privacy"). One batched forward records, for every layer with trainable parameters, its
+input; a first backward of ``sum_rows loss_row`` records the gradient of each layer output (row by row,
+since rows do not interact). Each item's squared gradient norm is then a sum over layers of
+
+* Linear / convolution weights: ``||sum_t a_t g_t^T||^2`` over the item's positions ``t`` (a convolution
+  is a linear layer on its unfolded input). Computed either as the *ghost norm*
+  ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (cost ~ T^2) or by materialising the item's ``d x p`` gradient
+  (cost ~ T d p); the cheaper is picked per layer (``T_item^2 < d p`` -> ghost), as in mixed ghost clipping.
+  Rows of one item are summed before the norm: their positions are concatenated into one sequence, which
+  is exact because the item gradient is ``sum_rows sum_t a g^T``.
+* Biases, GroupNorm / InstanceNorm / LayerNorm affine parameters and PReLU weights: their per-row
+  gradients are small and are materialised.
+
+A second backward of ``sum_rows w_item(row) * loss_row`` with ``w_i = min(1, C / (||g_i|| + 1e-6))`` gives
+the clipped sum directly (the formula of Opacus' ``DPOptimizer``).
+
+Only layers whose gradient is fully determined by their input and output gradient are supported; any other
+module with trainable parameters is refused at construction with its path (use ``PerSampleGradients``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_dp.networks.grad_sample import per_sample_loss
+from monai_dp.utils.errors import DPIncompatibleModuleError
+from monai_dp.utils.validation import check_choice, check_positive, error_message
+
+__all__ = ["GhostClipping"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# the layer kind is decided by the forward function, so a subclass that changes the computation is refused
+_KINDS: dict[Callable, str] = {nn.Linear.forward: "linear", nn.GroupNorm.forward: "groupnorm",
+                               nn.LayerNorm.forward: "layernorm", nn.PReLU.forward: "prelu",
+                               nn.modules.instancenorm._InstanceNorm.forward: "instancenorm"}
+_KINDS.update({c.forward: "conv" for c in _CONV})
+_KINDS.update({c.forward: "conv_transpose" for c in _CONV_T})
+_FIX = "use `PerSampleGradients` (monai_dp.networks.grad_sample) for this network."
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    return _KINDS.get(type(module).forward)
+
+
+def _check_network(network: nn.Module) -> dict[str, nn.Module]:
+    """Layers with trainable parameters; raise ``DPIncompatibleModuleError`` listing every unsupported one."""
+    layers, owners, offenders = {}, {}, []
+    for path, module in network.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        for n, p in own:
+            full = f"{path}.{n}" if path else n
+            if id(p) in owners:
+                offenders.append((full, (f"the parameter is shared with `{owners[id(p)]}`; ghost clipping needs "
+                                  "each parameter in one layer."), "untie the weights, or " + _FIX))
+            owners[id(p)] = full
+        kind = _layer_kind(module)
+        if kind is None:
+            offenders.append((path or "<root>", (f"{type(module).__name__} holds trainable parameters "
+                              f"({', '.join(n for n, _ in own)}) and is not supported by ghost clipping."), _FIX))
+        elif kind == "conv_transpose" and module.padding_mode != "zeros":
+            offenders.append((path, (f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not "
+                              "supported."), _FIX))
+        layers[path] = module
+    if offenders:
+        raise DPIncompatibleModuleError(offenders)
+    return layers
+
+
+def _conv_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """(left, right) zero padding per spatial dimension, as ``torch.nn.ConvNd`` applies it."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return [(0, 0)] * len(module.kernel_size)
+        out = []
+        for k, d in zip(module.kernel_size, module.dilation):  # 'same': the extra pixel goes to the right
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    return [(p, p) for p in module.padding]
+
+
+def unfold_nd(x: torch.Tensor, kernel, stride, padding, dilation, mode: str = "zeros") -> torch.Tensor:
+    """im2col for 1D/2D/3D: ``(R, C, *S)`` -> ``(R, T, C * prod(kernel))``, channel-major like conv weights."""
+    n = len(kernel)
+    pad = [v for lr in reversed(padding) for v in lr]
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # window appended as a trailing dimension
+    if any(d > 1 for d in dilation):
+        x = x[(..., *[slice(None, None, d) for d in dilation])]
+    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
+    return x.reshape(x.shape[0], math.prod(x.shape[1 : 1 + n]), -1)
+
+
+def _linear_terms(module, x, gy):
+    """``(a, g, bias_grad)``: ``a (R, T, G, d)``, ``g (R, T, G, p)`` with weight grad ``sum_t a_t^T g_t`` per group."""
+    rows = x.shape[0]
+    if isinstance(module, nn.Linear):
+        a, g, groups = x.reshape(rows, -1, x.shape[-1]), gy.reshape(rows, -1, gy.shape[-1]), 1
+        bias = g.sum(1)
+    elif isinstance(module, _CONV):
+        a = unfold_nd(x, module.kernel_size, module.stride, _conv_padding(module), module.dilation,
+                      module.padding_mode)
+        g, groups = gy.flatten(2).transpose(1, 2), module.groups
+        bias = gy.flatten(2).sum(2)
+    else:  # transposed convolution: x = conv(y, W), so the roles of input and output gradient swap
+        pad = [(p, p) for p in module.padding]
+        a = unfold_nd(gy, module.kernel_size, module.stride, pad, module.dilation)
+        g, groups = x.flatten(2).transpose(1, 2), module.groups
+        bias = gy.flatten(2).sum(2)
+        if a.shape[1] != g.shape[1]:
+            raise RuntimeError(error_message(f"{type(module).__name__} output size", "consistent with its input",
+                                             tuple(gy.shape), _FIX))
+    a = a.reshape(rows, a.shape[1], groups, -1)
+    g = g.reshape(rows, g.shape[1], groups, -1)
+    return a, g, bias
+
+
+def _norm_terms(module, kind, x, gy) -> dict[str, torch.Tensor]:
+    """Per-row gradients ``(R, *param.shape)`` of the affine parameters of a normalisation layer or PReLU."""
+    dims = tuple(range(2, x.ndim))
+    if kind == "groupnorm":
+        xh = F.group_norm(x, module.num_groups, eps=module.eps)
+    elif kind == "instancenorm":
+        stats = module.training or not module.track_running_stats
+        xh = F.instance_norm(x, None if stats else module.running_mean, None if stats else module.running_var,
+                             use_input_stats=stats, eps=module.eps)
+    elif kind == "layernorm":
+        xh = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        dims = tuple(range(1, x.ndim - len(module.normalized_shape)))
+    else:  # PReLU: y = max(0, x) + w min(0, x)
+        xh = x.clamp(max=0)
+        dims = tuple(range(1, x.ndim)) if module.weight.numel() == 1 else tuple(range(2, x.ndim))
+        return {"weight": (xh * gy).sum(dims).reshape(x.shape[0], -1)}
+    return {"weight": (xh * gy).sum(dims) if dims else xh * gy, "bias": gy.sum(dims) if dims else gy}
+
+
+class GhostClipping:
+    """Sum of clipped per-item gradients with mixed ghost clipping (one forward, two backwards).
+
+    Args:
+        network: the plain network (after ``make_private_compatible``); only parameters with ``requires_grad``
+            count. Every module holding one must be Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, GroupNorm,
+            InstanceNorm (affine), LayerNorm or PReLU, else ``DPIncompatibleModuleError`` names it.
+        loss_function: called as ``loss_function(pred, target)`` on a batch of one, like ``PerSampleGradients``.
+        inferer: called as ``inferer(inputs, network)`` on the whole batch; ``None`` calls the network.
+        norm_method: how linear/convolution weight norms are computed: ``"mixed"`` (the cheaper of ghost norm
+            and materialised per-item gradient, per layer), ``"ghost"`` or ``"materialise"`` (for tests).
+    """
+
+    NORM_METHODS = ("mixed", "ghost", "materialise")
+
+    def __init__(self, network: nn.Module, loss_function: Callable, inferer: Callable | None = None,
+                 norm_method: str = "mixed") -> None:
+        self.norm_method = check_choice("norm_method", norm_method, self.NORM_METHODS)
+        self.network = network
+        self.loss_function = loss_function
+        self.inferer = inferer
+        self.layers = _check_network(network)
+        self.last_choice: dict[str, str] = {}  # layer path -> "ghost" / "materialise" (weight norm, last call)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
+
+    def __call__(self, inputs: torch.Tensor, targets: Any, groups: torch.Tensor | None = None,
+                 num_items: int | None = None, max_grad_norm: float = 1.0):
+        """Clipped sum of per-item gradients.
+
+        Args:
+            inputs: ``(R, ...)`` rows; targets: ``(R, ...)`` one per row.
+            groups: ``(R,)`` long, item index of every row (``0 .. num_items-1``); ``None``: one item per row.
+            num_items: number of items; defaults to ``groups.max() + 1``.
+            max_grad_norm: clipping bound ``C``.
+
+        Returns:
+            ``(summed, norms, losses, preds)``: ``summed[name]`` of ``param.shape`` is
+            ``sum_i g_i min(1, C / (||g_i|| + 1e-6))``; ``norms (num_items,)`` the per-item norms over all
+            trainable parameters; ``losses (R,)`` and ``preds (R, ...)`` detached.
+        """
+        c = check_positive("max_grad_norm", max_grad_norm)
+        rows = inputs.shape[0]
+        groups, num_items = self._groups(groups, num_items, rows, inputs.device)
+        trainable = self.trainable()
+        records: dict[str, list[list]] = {path: [] for path in self.layers}
+        state = {"capture": True}
+        handles = [m.register_forward_hook(self._hook(path, records, state)) for path, m in self.layers.items()]
+        try:
+            preds = self.inferer(inputs, self.network) if self.inferer is not None else self.network(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        losses = torch.stack([_row_loss(self.loss_function(preds[i : i + 1], None if targets is None
+                                                           else targets[i : i + 1])) for i in range(rows)])
+        names = list(trainable)
+        first = torch.autograd.grad(losses.sum(), [trainable[n] for n in names], retain_graph=True, allow_unused=True)
+        state["capture"] = False
+        self._check_coverage(records, dict(zip(names, first)), rows)
+        norms = self._squared_norms(records, groups, num_items).sqrt()
+        weights = (c / (norms + 1e-6)).clamp(max=1.0)
+        second = torch.autograd.grad((weights.to(losses.dtype)[groups] * losses).sum(), [trainable[n] for n in names],
+                                     allow_unused=True)
+        summed = {n: torch.zeros_like(trainable[n]) if g is None else g for n, g in zip(names, second)}
+        return summed, norms.detach(), losses.detach().float(), preds.detach()
+
+    @staticmethod
+    def _groups(groups, num_items, rows, device):
+        if groups is None:
+            return torch.arange(rows, device=device), rows if num_items is None else int(num_items)
+        if groups.shape != (rows,):
+            raise ValueError(error_message("groups", f"a tensor of shape ({rows},) (one item index per row)",
+                                           tuple(groups.shape)))
+        groups = groups.to(device=device, dtype=torch.long)
+        n = int(groups.max().item()) + 1 if num_items is None else int(num_items)
+        if rows and not (int(groups.min()) >= 0 and int(groups.max()) < n):
+            raise ValueError(error_message("groups", f"item indices in [0, {n})", groups.tolist()))
+        return groups, n
+
+    @staticmethod
+    def _hook(path, records, state):
+        def hook(module, args, output):
+            if not state["capture"] or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            record = [args[0].detach(), None]
+            records[path].append(record)
+
+            def grad_hook(g):  # registered before any in-place change: receives the layer output's own gradient
+                if state["capture"]:
+                    record[1] = g.detach()
+
+            output.register_hook(grad_hook)
+        return hook
+
+    def _check_coverage(self, records, first, rows):
+        """Refuse parameters whose gradient did not come only through their layer's recorded calls."""
+        offenders = []
+        for path, module in self.layers.items():
+            calls = [r for r in records[path] if r[1] is not None]
+            bad = [r for r in records[path] if r[0].shape[0] != rows]
+            prefix = f"{path}." if path else ""
+            used = any(first.get(prefix + n) is not None for n, p in module.named_parameters(recurse=False))
+            if bad:
+                offenders.append((path, f"was called on {bad[0][0].shape[0]} rows, not the batch's {rows}.",
+                                  "call the network on the whole batch (no sliding-window inferer in training), or "
+                                  + _FIX))
+            elif used and not calls and not records[path]:
+                offenders.append((path, "its parameters are used outside its forward().", _FIX))
+        if offenders:
+            raise DPIncompatibleModuleError(offenders)
+
+    def _squared_norms(self, records, groups, num_items):
+        dtype = torch.promote_types(next(iter(self.trainable().values())).dtype, torch.float32)
+        total = torch.zeros(num_items, dtype=dtype, device=groups.device)
+        counts = torch.bincount(groups, minlength=num_items)
+        max_rows = int(counts.max()) if groups.numel() else 1
+        for path, module in self.layers.items():
+            calls = [(x, g) for x, g in records[path] if g is not None]
+            if not calls:
+                continue
+            kind = _layer_kind(module)
+            if kind in ("linear", "conv", "conv_transpose"):
+                total += self._weight_and_bias(path, module, calls, groups, num_items, max_rows).to(dtype)
+            else:
+                per_row: dict[str, torch.Tensor] = {}
+                for x, gy in calls:
+                    for n, t in _norm_terms(module, kind, x, gy).items():
+                        per_row[n] = per_row[n] + t if n in per_row else t
+                for n, t in per_row.items():
+                    p = getattr(module, n, None)
+                    if p is not None and p.requires_grad:
+                        total += _item_sq_norm(t, groups, num_items).to(dtype)
+        return total
+
+    def _weight_and_bias(self, path, module, calls, groups, num_items, max_rows):
+        terms = [_linear_terms(module, x, gy) for x, gy in calls]
+        sq = torch.zeros(num_items, dtype=terms[0][0].dtype, device=groups.device)
+        if module.bias is not None and module.bias.requires_grad:
+            sq += _item_sq_norm(sum(t[2] for t in terms), groups, num_items)
+        if not module.weight.requires_grad:
+            return sq
+        a = torch.cat([t[0] for t in terms], 1) if len(terms) > 1 else terms[0][0]
+        g = torch.cat([t[1] for t in terms], 1) if len(terms) > 1 else terms[0][1]
+        positions = a.shape[1] * max_rows
+        ghost = positions * positions < a.shape[3] * g.shape[3] if self.norm_method == "mixed" else \
+            self.norm_method == "ghost"
+        self.last_choice[path] = "ghost" if ghost else "materialise"
+        return sq + (_ghost_sq_norm(a, g, groups, num_items, max_rows) if ghost else
+                     _item_sq_norm(torch.einsum("ntgd,ntgp->ngdp", a, g), groups, num_items))
+
+
+def _row_loss(value: torch.Tensor) -> torch.Tensor:
+    """``per_sample_loss`` (shape check, float32 mean), but kept in float64 where the loss is float64."""
+    checked = per_sample_loss(value)
+    return value.mean() if value.dtype == torch.float64 else checked
+
+
+def _item_sq_norm(per_row: torch.Tensor, groups: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Sum the rows of each item, then the squared norm per item."""
+    items = torch.zeros((num_items, *per_row.shape[1:]), dtype=per_row.dtype, device=per_row.device)
+    items.index_add_(0, groups, per_row)
+    return items.flatten(1).pow(2).sum(1)
+
+
+def _ghost_sq_norm(a, g, groups, num_items, max_rows):
+    """``||sum_t a_t^T g_t||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)`` per item, its rows' positions concatenated."""
+    def gram(a_, g_):
+        return (torch.einsum("ntgd,nsgd->ngts", a_, a_) * torch.einsum("ntgp,nsgp->ngts", g_, g_)).sum((1, 2, 3))
+
+    if max_rows == 1:
+        out = torch.zeros(num_items, dtype=a.dtype, device=a.device)
+        return out.index_add_(0, groups, gram(a, g))
+    out = []
+    for i in range(num_items):
+        rows = (groups == i).nonzero().flatten()
+        if rows.numel() == 0:
+            out.append(torch.zeros((), dtype=a.dtype, device=a.device))
+            continue
+        ai, gi = a[rows], g[rows]
+        out.append(gram(ai.reshape(1, -1, *ai.shape[2:]), gi.reshape(1, -1, *gi.shape[2:]))[0])
+    return torch.stack(out)
