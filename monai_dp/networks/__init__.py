@@ -13,8 +13,8 @@ __all__ = [
     "FeatureClassifier",
     "GhostClipping",
     "PerSampleGradients",
+    "WaveletScattering2D",
     "find_incompatible_modules",
     "make_private_compatible",
     "per_sample_loss",
-    "WaveletScattering2D",
 ]

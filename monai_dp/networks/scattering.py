@@ -22,7 +22,7 @@ from torch import nn
 
 from monai_dp.utils.validation import error_message
 
-__all__ = ["WaveletScattering2D", "morlet_2d", "gaussian_2d"]
+__all__ = ["WaveletScattering2D", "gaussian_2d", "morlet_2d"]
 
 
 def _grid(m: int, n: int, periods: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
