@@ -31,6 +31,7 @@ from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.privacy_state import PrivacyState
 from monai_dp.losses import check_per_sample_loss
 from monai_dp.networks import (
+    GhostClipping,
     PerSampleGradients,
     find_incompatible_modules,
     make_private_compatible,
@@ -47,6 +48,7 @@ __all__ = ["DPSupervisedTrainer"]
 logger = logging.getLogger(__name__)
 
 PRIVACY_UNITS = ("record", "patient")
+GRAD_SAMPLE_MODES = ("auto", "ghost", "per_sample")
 
 
 class DPSupervisedTrainer(SupervisedTrainer):
@@ -86,6 +88,13 @@ class DPSupervisedTrainer(SupervisedTrainer):
             of it is left (see :class:`~monai_dp.handlers.PrivacyLedgerHandler`).
         dataset_id: the dataset's id in the ledger and the report; default: a fingerprint of the training
             records' identifiers (patient id, image, label).
+        grad_sample_mode: how the clipped sum of per-item gradients is computed. ``"ghost"``: mixed ghost
+            clipping (:class:`~monai_dp.networks.GhostClipping`: per-item norms without per-item gradients, then
+            one weighted backward); ``"per_sample"``: materialise every item's gradient
+            (:class:`~monai_dp.networks.PerSampleGradients`, any layer autograd supports); ``"auto"`` (default):
+            ghost clipping where every layer with trainable parameters supports it, per-sample otherwise, and
+            per-sample from the first step where ghost clipping finds a layer it cannot handle. Both give the same
+            clipped sum (tested to float64 precision), so the guarantee does not depend on the choice.
     """
 
     def __init__(
@@ -135,6 +144,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         ledger: Any = None,
         dataset_id: str | None = None,
         allow_approximate_accounting: bool = False,
+        grad_sample_mode: str = "auto",
     ) -> None:
         settings = DPSettings(target_epsilon, target_delta, noise_multiplier, max_grad_norm, accountant,
                               max_physical_batch_size, allow_approximate_accounting)
@@ -194,6 +204,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             expected_batch_size=logical / world, loss_reduction="mean", generator=generator, secure_mode=secure_mode,
         )
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
+        self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
+        self.ghost = _ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
 
         from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler, PrivacyLedgerHandler
 
@@ -215,6 +227,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             compile=False, compile_kwargs=None, accumulation_steps=1,
         )
         self.grad_sampler.inferer = self.inferer
+        if self.ghost is not None:
+            self.ghost.inferer = self.inferer
         self.logger.info(self.privacy.describe())
 
     # ------------------------------------------------------------------ construction helpers
@@ -341,18 +355,18 @@ class DPSupervisedTrainer(SupervisedTrainer):
         losses, preds = [], []
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         y = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
-        for i, (first_item, last_item, r0, r1) in enumerate(chunks):
-            grads, loss, pred = engine.grad_sampler(
-                x[r0:r1], y[r0:r1], groups[r0:r1] - first_item, last_item - first_item, engine._amp_dtype
-            )
-            for name, p in engine.dp_network_params:
-                p.grad_sample = grads[name]
-            losses.append(loss)
-            preds.append(pred)
-            if i < len(chunks) - 1:
-                engine.optimizer.signal_skip_step(do_skip=True)
-                engine.optimizer.step()
-                engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.ghost is not None:
+            try:
+                losses, preds = engine._ghost_sums(x, y, groups, chunks)
+            except DPIncompatibleModuleError as err:
+                if engine.grad_sample_mode != "auto":
+                    raise
+                engine.logger.info("Ghost clipping cannot handle this network (%s); using per-sample gradients.",
+                                   str(err).splitlines()[0][:200])
+                engine.ghost = None
+                engine._reset_accumulators()
+        if engine.ghost is None:
+            losses, preds = engine._per_sample_sums(x, y, groups, chunks)
         engine.state.output[Keys.PRED] = torch.cat(preds)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = torch.cat(losses).mean()
@@ -361,6 +375,42 @@ class DPSupervisedTrainer(SupervisedTrainer):
         engine._noisy_step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _per_sample_sums(self, x, y, groups, chunks) -> tuple[list, list]:
+        """Per-item gradients of each physical batch; the DP optimizer clips and accumulates them."""
+        losses, preds = [], []
+        for i, (first_item, last_item, r0, r1) in enumerate(chunks):
+            grads, loss, pred = self.grad_sampler(
+                x[r0:r1], y[r0:r1], groups[r0:r1] - first_item, last_item - first_item, self._amp_dtype
+            )
+            for name, p in self.dp_network_params:
+                p.grad_sample = grads[name]
+            losses.append(loss)
+            preds.append(pred)
+            if i < len(chunks) - 1:
+                self.optimizer.signal_skip_step(do_skip=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        return losses, preds
+
+    def _ghost_sums(self, x, y, groups, chunks) -> tuple[list, list]:
+        """Clipped sums of each physical batch by ghost clipping, summed into ``p.summed_grad``.
+
+        The DP optimizer's own clip-and-accumulate then sees no per-item gradients (an empty batch adds zero)
+        and adds the noise to this sum, exactly as for per-sample gradients.
+        """
+        losses, preds, total = [], [], None
+        clip = self.optimizer.max_grad_norm
+        for first_item, last_item, r0, r1 in chunks:
+            summed, _, loss, pred = self.ghost(x[r0:r1], y[r0:r1], groups[r0:r1] - first_item,
+                                               last_item - first_item, clip, self._amp_dtype)
+            total = summed if total is None else {n: total[n] + g for n, g in summed.items()}
+            losses.append(loss)
+            preds.append(pred)
+        for name, p in self.dp_network_params:
+            p.summed_grad = total[name].to(p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        return losses, preds
 
     def _unpack(self, batchdata: Any) -> tuple[Any, Any, torch.Tensor]:
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
@@ -406,6 +456,19 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self._noisy_step()
         self.logger.debug("Empty Poisson batch: took a noise-only step.")
         return self.state.output
+
+
+def _ghost_clipping(network: torch.nn.Module, loss_function: Callable, inferer: Any, mode: str):
+    """``GhostClipping`` for ``"ghost"`` (raising on unsupported layers) and, where supported, for ``"auto"``."""
+    if mode == "per_sample":
+        return None
+    try:
+        return GhostClipping(network, loss_function, inferer)
+    except DPIncompatibleModuleError as err:
+        if mode == "ghost":
+            raise
+        logger.info("Per-sample gradients (ghost clipping does not support: %s).", str(err).splitlines()[0][:200])
+        return None
 
 
 def _sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Sequence | None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -170,13 +171,14 @@ class GhostClipping:
         self.loss_function = loss_function
         self.inferer = inferer
         self.layers = _check_network(network)
+        self._vmap_loss: bool | None = None  # whether the loss runs under vmap (decided on first use)
         self.last_choice: dict[str, str] = {}  # layer path -> "ghost" / "materialise" (weight norm, last call)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
 
     def __call__(self, inputs: torch.Tensor, targets: Any, groups: torch.Tensor | None = None,
-                 num_items: int | None = None, max_grad_norm: float = 1.0):
+                 num_items: int | None = None, max_grad_norm: float = 1.0, amp_dtype: torch.dtype | None = None):
         """Clipped sum of per-item gradients.
 
         Args:
@@ -184,6 +186,8 @@ class GhostClipping:
             groups: ``(R,)`` long, item index of every row (``0 .. num_items-1``); ``None``: one item per row.
             num_items: number of items; defaults to ``groups.max() + 1``.
             max_grad_norm: clipping bound ``C``.
+            amp_dtype: autocast dtype (``torch.bfloat16``) of the forward pass, or ``None``; the norms are then
+                computed from the recorded activations and output gradients cast to float32.
 
         Returns:
             ``(summed, norms, losses, preds)``: ``summed[name]`` of ``param.shape`` is
@@ -197,13 +201,15 @@ class GhostClipping:
         records: dict[str, list[list]] = {path: [] for path in self.layers}
         state = {"capture": True}
         handles = [m.register_forward_hook(self._hook(path, records, state)) for path, m in self.layers.items()]
+        ctx = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         try:
-            preds = self.inferer(inputs, self.network) if self.inferer is not None else self.network(inputs)
+            with ctx:
+                preds = self.inferer(inputs, self.network) if self.inferer is not None else self.network(inputs)
         finally:
             for h in handles:
                 h.remove()
-        losses = torch.stack([_row_loss(self.loss_function(preds[i : i + 1], None if targets is None
-                                                           else targets[i : i + 1])) for i in range(rows)])
+        with ctx:
+            losses = self._row_losses(preds, targets)
         names = list(trainable)
         first = torch.autograd.grad(losses.sum(), [trainable[n] for n in names], retain_graph=True, allow_unused=True)
         state["capture"] = False
@@ -214,6 +220,20 @@ class GhostClipping:
                                      allow_unused=True)
         summed = {n: torch.zeros_like(trainable[n]) if g is None else g for n, g in zip(names, second)}
         return summed, norms.detach(), losses.detach().float(), preds.detach()
+
+    def _row_losses(self, preds: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The loss of every row as a batch of one: under ``vmap`` where the loss allows it, else row by row."""
+        def one(p, t):
+            return _row_loss(self.loss_function(p.unsqueeze(0), None if t is None else t.unsqueeze(0)))
+
+        if self._vmap_loss is not False and targets is not None:
+            try:
+                losses = torch.func.vmap(one)(preds, targets)
+                self._vmap_loss = True
+                return losses
+            except Exception:  # noqa: BLE001 - e.g. in-place scatter in one_hot: use the loop, which works always
+                self._vmap_loss = False
+        return torch.stack([one(preds[i], None if targets is None else targets[i]) for i in range(preds.shape[0])])
 
     @staticmethod
     def _groups(groups, num_items, rows, device):
@@ -266,7 +286,7 @@ class GhostClipping:
         counts = torch.bincount(groups, minlength=num_items)
         max_rows = int(counts.max()) if groups.numel() else 1
         for path, module in self.layers.items():
-            calls = [(x, g) for x, g in records[path] if g is not None]
+            calls = [(x.to(dtype), g.to(dtype)) for x, g in records[path] if g is not None]
             if not calls:
                 continue
             kind = _layer_kind(module)

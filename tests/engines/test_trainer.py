@@ -19,7 +19,7 @@ from torch import nn
 
 from monai_dp.engines import DPSupervisedTrainer
 from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler
-from monai_dp.utils.errors import DPConfigurationError, PrivacyBudgetExhaustedError
+from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
 from tests.conftest import TinyClassifier, make_classification_data
 
 
@@ -186,3 +186,36 @@ def test_instantiable_from_bundle_config():
     assert isinstance(trainer, DPSupervisedTrainer)
     trainer.run()
     assert 0 < trainer.get_epsilon() <= 8.0
+
+
+class _RawScale(torch.nn.Module):
+    """A trainable parameter outside any layer ghost clipping knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return (self.conv(x) * self.scale).mean((2, 3))
+
+
+def test_grad_sample_mode_auto_uses_ghost_where_supported_and_ghost_refuses_the_rest():
+    data = make_classification_data(n=20)
+
+    def make(net, mode):
+        return DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(data, batch_size=4),
+                                   network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                   loss_function=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0,
+                                   grad_sample_mode=mode)
+
+    assert make(TinyClassifier(), "auto").ghost is not None
+    assert make(TinyClassifier(), "per_sample").ghost is None
+    auto = make(_RawScale(), "auto")
+    assert auto.ghost is None
+    auto.run()
+    assert auto.dp_steps == 5
+    with pytest.raises(DPIncompatibleModuleError, match=r"`<root>`: _RawScale holds trainable parameters \(scale\)"):
+        make(_RawScale(), "ghost")
+    with pytest.raises(ValueError, match=r"`grad_sample_mode` must be one of"):
+        make(TinyClassifier(), "hooks")
