@@ -171,6 +171,7 @@ class GhostClipping:
         self.loss_function = loss_function
         self.inferer = inferer
         self.layers = _check_network(network)
+        self._verified = False  # parameter coverage checked on the first call
         self._vmap_loss: bool | None = None  # whether the loss runs under vmap (decided on first use)
         self.last_choice: dict[str, str] = {}  # layer path -> "ghost" / "materialise" (weight norm, last call)
 
@@ -202,6 +203,10 @@ class GhostClipping:
         state = {"capture": True}
         handles = [m.register_forward_hook(self._hook(path, records, state)) for path, m in self.layers.items()]
         ctx = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        # after the first call, backpropagate to the input only: the weight gradients come from book-keeping
+        through_input = self._verified and inputs.is_floating_point()
+        if through_input:
+            inputs = inputs.detach().requires_grad_()
         try:
             with ctx:
                 preds = self.inferer(inputs, self.network) if self.inferer is not None else self.network(inputs)
@@ -210,16 +215,39 @@ class GhostClipping:
                 h.remove()
         with ctx:
             losses = self._row_losses(preds, targets)
-        names = list(trainable)
-        first = torch.autograd.grad(losses.sum(), [trainable[n] for n in names], retain_graph=True, allow_unused=True)
+        if through_input:
+            torch.autograd.grad(losses.sum(), [inputs])
+        else:  # the first call also checks that every parameter's gradient came through its recorded layer
+            names = list(trainable)
+            first = torch.autograd.grad(losses.sum(), [trainable[n] for n in names], allow_unused=True)
+            self._check_coverage(records, dict(zip(names, first)), rows)
+            self._verified = True
         state["capture"] = False
-        self._check_coverage(records, dict(zip(names, first)), rows)
+        self._check_rows(records, rows)
         norms = self._squared_norms(records, groups, num_items).sqrt()
         weights = (c / (norms + 1e-6)).clamp(max=1.0)
-        second = torch.autograd.grad((weights.to(losses.dtype)[groups] * losses).sum(), [trainable[n] for n in names],
-                                     allow_unused=True)
-        summed = {n: torch.zeros_like(trainable[n]) if g is None else g for n, g in zip(names, second)}
+        summed = self._bookkeeping(records, weights[groups], trainable)
         return summed, norms.detach(), losses.detach().float(), preds.detach()
+
+    def _bookkeeping(self, records, row_weights, trainable) -> dict[str, torch.Tensor]:
+        """``sum_rows w(row) * grad_row`` of every parameter from the recorded inputs and output gradients.
+
+        Each layer's weight gradient is linear in its output gradient, so scaling every row's output gradient by
+        its item's clip factor and running the layer's weight-gradient computation once on the batch gives the
+        clipped sum (book-keeping, Bu et al. 2023), with no second backward through the network.
+        """
+        summed: dict[str, torch.Tensor] = {}
+        for path, module in self.layers.items():
+            calls = [(x, g) for x, g in records[path] if g is not None]
+            prefix = f"{path}." if path else ""
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            for x, gy in calls:
+                dtype = torch.promote_types(own[next(iter(own))].dtype, torch.float32)
+                x, gy = x.to(dtype), gy.to(dtype)
+                gw = gy * row_weights.to(dtype).reshape(-1, *([1] * (gy.ndim - 1)))
+                for n, g in _weighted_grads(module, _layer_kind(module), x, gw, own).items():
+                    summed[prefix + n] = summed[prefix + n] + g if prefix + n in summed else g
+        return {n: (summed[n].to(p.dtype) if n in summed else torch.zeros_like(p)) for n, p in trainable.items()}
 
     def _row_losses(self, preds: torch.Tensor, targets: Any) -> torch.Tensor:
         """The loss of every row as a batch of one: under ``vmap`` where the loss allows it, else row by row."""
@@ -268,15 +296,21 @@ class GhostClipping:
         offenders = []
         for path, module in self.layers.items():
             calls = [r for r in records[path] if r[1] is not None]
-            bad = [r for r in records[path] if r[0].shape[0] != rows]
             prefix = f"{path}." if path else ""
             used = any(first.get(prefix + n) is not None for n, p in module.named_parameters(recurse=False))
+            if used and not calls and not records[path]:
+                offenders.append((path, "its parameters are used outside its forward().", _FIX))
+        if offenders:
+            raise DPIncompatibleModuleError(offenders)
+
+    def _check_rows(self, records, rows):
+        offenders = []
+        for path in self.layers:
+            bad = [r for r in records[path] if r[0].shape[0] != rows]
             if bad:
                 offenders.append((path, f"was called on {bad[0][0].shape[0]} rows, not the batch's {rows}.",
                                   "call the network on the whole batch (no sliding-window inferer in training), or "
                                   + _FIX))
-            elif used and not calls and not records[path]:
-                offenders.append((path, "its parameters are used outside its forward().", _FIX))
         if offenders:
             raise DPIncompatibleModuleError(offenders)
 
@@ -304,6 +338,20 @@ class GhostClipping:
         return total
 
     def _weight_and_bias(self, path, module, calls, groups, num_items, max_rows):
+        if isinstance(module, _CONV):
+            positions = sum(math.prod(gy.shape[2:]) for _, gy in calls) * max_rows
+            d = module.in_channels // module.groups * math.prod(module.kernel_size)
+            p = module.out_channels // module.groups
+            ghost = self._use_ghost(positions, d, p)
+            if not ghost:  # per-row weight gradients by the convolution's own backward: no unfolded input
+                self.last_choice[path] = "materialise"
+                sq = torch.zeros(num_items, dtype=calls[0][0].dtype, device=groups.device)
+                if module.bias is not None and module.bias.requires_grad:
+                    sq += _item_sq_norm(sum(gy.flatten(2).sum(2) for _, gy in calls), groups, num_items)
+                if module.weight.requires_grad:
+                    sq += _item_sq_norm(sum(_conv_weight_per_row(module, x, gy) for x, gy in calls), groups,
+                                        num_items)
+                return sq
         terms = [_linear_terms(module, x, gy) for x, gy in calls]
         sq = torch.zeros(num_items, dtype=terms[0][0].dtype, device=groups.device)
         if module.bias is not None and module.bias.requires_grad:
@@ -312,12 +360,63 @@ class GhostClipping:
             return sq
         a = torch.cat([t[0] for t in terms], 1) if len(terms) > 1 else terms[0][0]
         g = torch.cat([t[1] for t in terms], 1) if len(terms) > 1 else terms[0][1]
-        positions = a.shape[1] * max_rows
-        ghost = positions * positions < a.shape[3] * g.shape[3] if self.norm_method == "mixed" else \
-            self.norm_method == "ghost"
+        ghost = self._use_ghost(a.shape[1] * max_rows, a.shape[3], g.shape[3])
         self.last_choice[path] = "ghost" if ghost else "materialise"
         return sq + (_ghost_sq_norm(a, g, groups, num_items, max_rows) if ghost else
                      _item_sq_norm(torch.einsum("ntgd,ntgp->ngdp", a, g), groups, num_items))
+
+    def _use_ghost(self, positions: int, d: int, p: int) -> bool:
+        """Ghost norm costs ~positions^2 per item, a materialised gradient d * p: take the cheaper (mixed)."""
+        if self.norm_method == "mixed":
+            return positions * positions < d * p
+        return self.norm_method == "ghost"
+
+
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _weighted_grads(module, kind, x, gw, own) -> dict[str, torch.Tensor]:
+    """Gradients of ``own`` parameters of one layer call for output gradient ``gw`` (rows already weighted)."""
+    out: dict[str, torch.Tensor] = {}
+    if kind == "linear":
+        g2, x2 = gw.reshape(-1, gw.shape[-1]), x.reshape(-1, x.shape[-1])
+        if "weight" in own:
+            out["weight"] = g2.T @ x2
+        if "bias" in own:
+            out["bias"] = g2.sum(0)
+    elif kind == "conv":
+        if "weight" in own:
+            pad = [v for lr in reversed(_conv_padding(module)) for v in lr]
+            if any(pad):
+                x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+            out["weight"] = _CONV_WEIGHT[x.ndim - 2](x, module.weight.shape, gw, module.stride, 0, module.dilation,
+                                                     module.groups)
+        if "bias" in own:
+            out["bias"] = gw.flatten(2).sum((0, 2))
+    elif kind == "conv_transpose":
+        a, g, _ = _linear_terms(module, x, gw)
+        if "weight" in own:
+            out["weight"] = torch.einsum("ntgd,ntgp->gpd", a, g).reshape(module.weight.shape)
+        if "bias" in own:
+            out["bias"] = gw.flatten(2).sum((0, 2))
+    else:
+        for n, t in _norm_terms(module, kind, x, gw).items():
+            if n in own:
+                out[n] = t.sum(0).reshape(own[n].shape)
+    return out
+
+
+def _conv_weight_per_row(module, x, gy):
+    """``(R, *weight.shape)`` gradient of a convolution's weight for every row, via its batched backward."""
+    pad = [v for lr in reversed(_conv_padding(module)) for v in lr]
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    fn, shape = _CONV_WEIGHT[x.ndim - 2], module.weight.shape
+
+    def one(xi, gi):
+        return fn(xi.unsqueeze(0), shape, gi.unsqueeze(0), module.stride, 0, module.dilation, module.groups)
+
+    return torch.func.vmap(one)(x, gy)
 
 
 def _row_loss(value: torch.Tensor) -> torch.Tensor:

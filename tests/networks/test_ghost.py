@@ -114,12 +114,15 @@ def test_clipped_sum_equals_clipped_per_item_gradients(name, norm_method):
     c = float(ref_norms.median())  # one item clipped, one not, one at the bound
     ref_sum, ref_norms, ref_losses = _reference(net, loss, x, y, c)
     gc = GhostClipping(net, loss, norm_method=norm_method)
-    summed, norms, losses, preds = gc(x, y, GROUPS, 3, c)
-    assert preds.shape[0] == 4 and losses.shape == (4,)
-    torch.testing.assert_close(losses, ref_losses)
-    torch.testing.assert_close(norms, ref_norms, rtol=1e-8, atol=1e-12)
-    for n, ref in ref_sum.items():
-        torch.testing.assert_close(summed[n], ref, rtol=1e-6, atol=1e-10, msg=lambda m, n=n: f"{name} {n}: {m}")
+    for call in ("first (checks coverage)", "later (backward to the input only)"):
+        summed, norms, losses, preds = gc(x, y, GROUPS, 3, c)
+        assert preds.shape[0] == 4 and losses.shape == (4,)
+        torch.testing.assert_close(losses, ref_losses)
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-8, atol=1e-12)
+        for n, ref in ref_sum.items():
+            torch.testing.assert_close(summed[n], ref, rtol=1e-6, atol=1e-10,
+                                       msg=lambda m, n=n, call=call: f"{name} {n} ({call} call): {m}")
+    assert gc._verified
     if norm_method != "mixed":
         assert set(gc.last_choice.values()) == {norm_method}
     elif name in ("Convs", "DenseNet121"):
