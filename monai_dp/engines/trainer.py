@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -90,10 +91,10 @@ class DPSupervisedTrainer(SupervisedTrainer):
             records' identifiers (patient id, image, label).
         grad_sample_mode: how the clipped sum of per-item gradients is computed. ``"ghost"``: mixed ghost
             clipping (:class:`~monai_dp.networks.GhostClipping`: per-item norms without per-item gradients, then
-            one weighted backward); ``"per_sample"``: materialise every item's gradient
+            the clipped sum by book-keeping); ``"per_sample"``: materialise every item's gradient
             (:class:`~monai_dp.networks.PerSampleGradients`, any layer autograd supports); ``"auto"`` (default):
-            ghost clipping where every layer with trainable parameters supports it, per-sample otherwise, and
-            per-sample from the first step where ghost clipping finds a layer it cannot handle. Both give the same
+            the faster of the two, timed on the first physical batch (where ghost clipping supports every
+            layer; the two clipped sums are compared there too, and a mismatch raises). Both give the same
             clipped sum (tested to float64 precision), so the guarantee does not depend on the choice.
     """
 
@@ -206,6 +207,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
         self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
         self.ghost = _ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
+        self._mode_chosen = False
 
         from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler, PrivacyLedgerHandler
 
@@ -355,6 +357,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         losses, preds = [], []
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         y = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
+        if engine.ghost is not None and engine.grad_sample_mode == "auto" and not engine._mode_chosen:
+            engine._choose_grad_sample_mode(x, y, groups, chunks[0])
         if engine.ghost is not None:
             try:
                 losses, preds = engine._ghost_sums(x, y, groups, chunks)
@@ -392,6 +396,50 @@ class DPSupervisedTrainer(SupervisedTrainer):
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         return losses, preds
+
+    def _choose_grad_sample_mode(self, x, y, groups, chunk) -> None:
+        """``"auto"``: time ghost clipping and per-sample gradients on the first physical batch, keep the faster.
+
+        Both clipped sums are also compared: a disagreement beyond float tolerance raises, since one of the two
+        computations would then not be clipping what it claims. Per-sample gradients that run out of GPU
+        memory lose. Nothing computed here reaches the update.
+        """
+        first, last, r0, r1 = chunk
+        args = (x[r0:r1], y[r0:r1], groups[r0:r1] - first, last - first)
+        clip = self.optimizer.max_grad_norm
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        try:
+            start = time.perf_counter()
+            ghost_sum = self.ghost(*args, clip, self._amp_dtype)[0]
+            sync()
+            ghost_s = time.perf_counter() - start
+        except DPIncompatibleModuleError:
+            self._mode_chosen = True
+            return  # the iteration falls back to per-sample gradients and says why
+        try:
+            start = time.perf_counter()
+            grads = self.grad_sampler(*args, self._amp_dtype)[0]
+            sync()
+            per_sample_s = time.perf_counter() - start
+        except torch.cuda.OutOfMemoryError:
+            per_sample_s, grads = float("inf"), None
+        if grads is not None and self._amp_dtype is None:  # bf16 kernels differ by more than a tolerance
+            names = [n for n, _ in self.dp_network_params]
+            norms = torch.cat([grads[n].flatten(1) for n in names], 1).norm(dim=1)
+            w = (clip / (norms + 1e-6)).clamp(max=1.0)
+            for n in names:
+                ref = torch.einsum("i,i...->...", w, grads[n])
+                tol = 1e-3
+                if not torch.allclose(ghost_sum[n].to(ref.dtype), ref, rtol=tol, atol=tol * clip):
+                    raise RuntimeError(error_message(
+                        f"clipped sum of `{n}`", "the same by ghost clipping and by per-sample gradients",
+                        f"a difference of {float((ghost_sum[n] - ref).abs().max()):.3g}",
+                        "pass grad_sample_mode='per_sample' and report this network to monai_dp."))
+        if per_sample_s < ghost_s:
+            self.ghost = None
+        self._mode_chosen = True
+        self.logger.info("grad_sample_mode='auto': %s (first batch: ghost clipping %.3g s, per-sample gradients %.3g s).",
+                         "per-sample gradients" if self.ghost is None else "ghost clipping", ghost_s, per_sample_s)
 
     def _ghost_sums(self, x, y, groups, chunks) -> tuple[list, list]:
         """Clipped sums of each physical batch by ghost clipping, summed into ``p.summed_grad``.

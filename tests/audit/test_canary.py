@@ -51,3 +51,25 @@ def test_three_aligned_records_of_one_patient(unit, shift):
     assert (a.mean() - b.mean()) / T == pytest.approx(shift, abs=0.35 * shift + 0.35)
     mu, se = estimate_mu(a, b)
     assert abs(mu - shift * math.sqrt(T) / SIGMA) < 4 * se
+
+
+def _noise_for_the_mean(trainer):
+    """A normalisation bug: noise calibrated to the averaged gradient (σC/B) but added to the sum."""
+    opt = trainer.optimizer
+    real = opt.add_noise
+
+    def add_noise():
+        saved = opt.noise_multiplier
+        opt.noise_multiplier = saved / opt.expected_batch_size
+        try:
+            real()
+        finally:
+            opt.noise_multiplier = saved
+
+    opt.add_noise = add_noise
+
+
+def test_wrong_noise_normalisation_is_caught():
+    a, b = dirac_canary_scores(N, steps=T, noise_multiplier=SIGMA, mutate=_noise_for_the_mean)
+    mu, se = estimate_mu(a, b)
+    assert mu - math.sqrt(T) / SIGMA > 4 * se, "noise divided by the batch size must show in μ̂"

@@ -209,7 +209,10 @@ def test_grad_sample_mode_auto_uses_ghost_where_supported_and_ghost_refuses_the_
                                    loss_function=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0,
                                    grad_sample_mode=mode)
 
-    assert make(TinyClassifier(), "auto").ghost is not None
+    chosen = make(TinyClassifier(), "auto")
+    assert chosen.ghost is not None and not chosen._mode_chosen
+    chosen.run()
+    assert chosen._mode_chosen and chosen.dp_steps == 5
     assert make(TinyClassifier(), "per_sample").ghost is None
     auto = make(_RawScale(), "auto")
     assert auto.ghost is None
@@ -219,3 +222,25 @@ def test_grad_sample_mode_auto_uses_ghost_where_supported_and_ghost_refuses_the_
         make(_RawScale(), "ghost")
     with pytest.raises(ValueError, match=r"`grad_sample_mode` must be one of"):
         make(TinyClassifier(), "hooks")
+
+
+def test_auto_mode_raises_when_ghost_and_per_sample_sums_disagree():
+    """The first-batch comparison is a runtime guard: a wrong clipped sum stops training before any update."""
+    data = make_classification_data(n=20)
+    net = TinyClassifier()
+    trainer = DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(data, batch_size=8),
+                                  network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                  loss_function=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0)
+    real = trainer.ghost
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def doubled(*args, **kwargs):  # e.g. a bug that drops the clip factor of half the items
+        summed, *rest = real(*args, **kwargs)
+        return ({n: 2 * g for n, g in summed.items()}, *rest)
+
+    trainer.ghost = doubled
+    with pytest.raises(RuntimeError, match=r"`clipped sum of `.*` must be the same by ghost clipping and by "
+                                           r"per-sample gradients"):
+        trainer.run()
+    assert trainer.dp_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
