@@ -25,7 +25,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "dp_classification_2d"
-DP_KEYS = ("target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm", "accountant", "max_physical_batch_size")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -55,11 +54,16 @@ def _config(files: list[Path], overrides: dict, dp: bool, dest: Path) -> str:
     for k, v in overrides.items():
         parser[k] = v
     config = parser.get()
-    if not dp:
+    if not dp:  # the same trainer arguments, minus everything SupervisedTrainer does not take
+        import inspect
+
+        from monai.engines import SupervisedTrainer
+
+        accepted = set(inspect.signature(SupervisedTrainer.__init__).parameters)
         trainer = config["train"]["trainer"]
         trainer["_target_"] = "SupervisedTrainer"
-        for k in DP_KEYS:
-            trainer.pop(k, None)
+        for k in [k for k in trainer if k != "_target_" and k not in accepted]:
+            trainer.pop(k)
         config["train"]["handlers"] = [h for h in config["train"]["handlers"]
                                        if "PrivacyReportHandler" not in h["_target_"]]
     import json
