@@ -186,3 +186,30 @@ def test_second_bundle_run_is_refused_by_the_ledger(tmp_path, capsys):
     assert main(["ledger", "show", "--ledger", str(ledger), "--dataset-id", "synthetic-lesions"]) == 0
     shown = capsys.readouterr().out
     assert "synthetic-lesions" in shown
+
+
+@pytest.mark.bundle
+@pytest.mark.slow
+def test_fashion_mnist_recipe_trains_on_scattering_features_and_evaluates(tmp_path):
+    """configs/fashion_mnist.json over train.json: features precomputed once, linear head trained with DP."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 20), ("test", 20)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):  # a class-dependent bright row, so there is something to learn
+            images[i, 2 + 2 * c, :] = 255
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    npz = tmp_path / "fashion.npz"
+    np.savez(npz, **arrays)
+    root = _copy("dp_classification_2d", tmp_path)
+    files = ["train.json", "fashion_mnist.json"]
+    _run(root, files, dataset_dir=str(npz), max_epochs=2, batch_size=30, max_physical_batch_size=16,
+         target_epsilon=8.0, learning_rate=1.0)
+    report = json.loads((root / "models" / "privacy_report.json").read_text())
+    assert 0 < report["epsilon"] <= 8.0 and report["steps"] == 4
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert state["net.2.weight"].shape == (10, 81 * 7 * 7)  # FeatureClassifier: GroupNorm, Flatten, Linear
+    _run(root, files + ["evaluate.json"], dataset_dir=str(npz))
+    rows = dict((r[0], r[1]) for r in csv.reader(open(root / "eval" / "metrics.csv")) if len(r) >= 2)
+    assert 0.0 <= float(rows["val_accuracy"]) <= 1.0
