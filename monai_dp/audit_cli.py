@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--npz", help="images (N,C,H,W), labels (N,), patient_ids (N,), optional meta_<column>")
     data.add_argument("--synthetic", action="store_true", help="the synthetic audit data set (multi-record patients)")
     data.add_argument("--bundle", help="a classification bundle root: audit its train.json recipe as configured")
+    data.add_argument("--self-audit", action="store_true",
+                      help="check the DP trainer itself with Dirac canaries (noise and clipping as claimed); "
+                           "uses --num-models runs per side, --steps, --noise-multiplier (default 1)")
+    p.add_argument("--steps", type=int, default=4, help="self-audit: full-batch steps per run")
     p.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                    help="bundle config override, e.g. --override max_epochs=5 --override dataset_dir='\"/data\"'")
     p.add_argument("--num-patients", type=int, default=400, help="synthetic data: number of patients")
@@ -71,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.bundle:
         return _bundle_audit(args)
+    if args.self_audit:
+        from monai_dp.audit.self_audit import run_self_audit
+
+        res = run_self_audit(args.out, runs=args.num_models, steps=args.steps, seed=args.seed,
+                             noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier)
+        print((Path(args.out) / "self_audit.md").read_text())
+        return 0 if res["passed"] else 1
     try:
         data = _load(args)
     except (OSError, ValueError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 
 import numpy as np
@@ -63,3 +64,30 @@ def test_cli_audits_a_bundle_recipe(tmp_path):
     summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
     assert summary["num_models"] == 4 and summary["unit"] == "record" and summary["bound"]["auc"] > 0.5
     assert summary["num_patients"] < summary["num_records"], "synthetic bundle data has two records per patient"
+
+
+def test_self_audit_passes_on_the_real_trainer_and_writes_its_report(tmp_path, capsys):
+    from monai_dp.__main__ import main
+
+    rc = main(["audit", "--self-audit", "--out", str(tmp_path), "--num-models", "40", "--steps", "2",
+               "--noise-multiplier", "2.0"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "All checks passed." in text
+    res = json.loads((tmp_path / "self_audit.json").read_text())
+    assert res["passed"] and res["mu_claimed"] == pytest.approx(math.sqrt(2) / 2.0)
+    assert res["one_run"]["epsilon_lower"] <= res["claimed_epsilon"]
+
+
+def test_self_audit_fails_loudly_when_the_noise_is_halved(tmp_path, monkeypatch):
+    from monai_dp.audit import canary, one_run
+    from monai_dp.audit.self_audit import run_self_audit
+
+    def halve(trainer):
+        trainer.optimizer.noise_multiplier /= 2
+
+    real_scores, real_one = canary.dirac_canary_scores, one_run.dirac_one_run_audit
+    monkeypatch.setattr(canary, "dirac_canary_scores", lambda *a, **k: real_scores(*a, mutate=halve, **k))
+    monkeypatch.setattr(one_run, "dirac_one_run_audit", lambda *a, **k: real_one(*a, mutate=halve, **k))
+    res = run_self_audit(tmp_path, runs=60, steps=2, noise_multiplier=2.0)
+    assert not res["passed"]
+    assert "A check failed" in (tmp_path / "self_audit.md").read_text()
