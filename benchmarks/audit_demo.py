@@ -16,7 +16,6 @@ from pathlib import Path
 
 from monai_dp.__main__ import main as cli
 
-RECIPE = ["--synthetic", "--epochs", "30", "--width", "32", "--lr", "0.1", "--momentum", "0.9", "--batch-size", "64"]
 
 
 def main() -> None:
@@ -25,24 +24,35 @@ def main() -> None:
     ap.add_argument("--num-models", type=int, default=64)
     ap.add_argument("--epsilon", type=float, default=4.0)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--arms", nargs="*", default=["no_dp", "record_dp", "patient_dp"])
     args = ap.parse_args()
+    recipe = ["--synthetic", "--epochs", str(args.epochs), "--width", str(args.width), "--lr", str(args.lr),
+              "--momentum", "0.9", "--batch-size", str(args.batch_size)]
     runs = {"no DP": ["--no-dp"],
             f"record-level DP, ε = {args.epsilon:g}": ["--target-epsilon", str(args.epsilon), "--privacy-unit", "record"],
             f"patient-level DP, ε = {args.epsilon:g}": ["--target-epsilon", str(args.epsilon), "--privacy-unit",
                                                         "patient"]}
     rows = []
     for i, (name, extra) in enumerate(runs.items()):
-        folder = Path(args.out) / ["no_dp", "record_dp", "patient_dp"][i]
+        arm = ["no_dp", "record_dp", "patient_dp"][i]
+        if arm not in args.arms:
+            continue
+        folder = Path(args.out) / arm
         start = time.time()
         cli(["audit", "--out", str(folder), "--num-models", str(args.num_models), "--workers", str(args.workers),
-             *RECIPE, *extra])
+             *recipe, *extra])
         s = json.loads((folder / "summary.json").read_text())
         bound = s["bound"]["auc"] if s["bound"] else None
         rows.append(f"| {name} | {s['aggregate']['auc']:.3f} | {s['patient_auc']['median']:.3f} | "
                     f"{s['patient_auc']['max']:.3f} | {'-' if bound is None else f'{bound:.3f}'} | "
                     f"{'-' if s['patients_above_bound'] is None else s['patients_above_bound']} | "
                     f"{(time.time() - start) / 60:.1f} min |")
-    table = "\n".join([f"{args.num_models} models per audit; synthetic audit data set (400 patients, 866 records).", "",
+    table = "\n".join([f"{args.num_models} models per audit; synthetic audit data set (400 patients, 866 records); "
+                       f"recipe: {' '.join(recipe[1:])}", "",
                        "| training | aggregate MIA AUC | median patient AUC | max patient AUC | AUC bound of the "
                        "guarantee | patients above the bound (beyond 1 SE) | time |",
                        "|---|---|---|---|---|---|---|", *rows])
