@@ -14,8 +14,11 @@ since rows do not interact). Each item's squared gradient norm is then a sum ove
 * Biases, GroupNorm / InstanceNorm / LayerNorm affine parameters and PReLU weights: their per-row
   gradients are small and are materialised.
 
-A second backward of ``sum_rows w_item(row) * loss_row`` with ``w_i = min(1, C / (||g_i|| + 1e-6))`` gives
-the clipped sum directly (the formula of Opacus' ``DPOptimizer``).
+The clipped sum ``sum_rows w_item(row) grad_row`` with ``w_i = min(1, C / (||g_i|| + 1e-6))`` (the formula
+of Opacus' ``DPOptimizer``) then comes from book-keeping (Bu et al. 2023): each layer's weight-gradient
+computation runs once on its recorded input and its row-weighted output gradient, with no second backward.
+After the first call (which backpropagates to the parameters, to check that every parameter's gradient
+comes through its layer and to note which layers receive a gradient) the backward runs to the input only.
 
 Only layers whose gradient is fully determined by their input and output gradient are supported; any other
 module with trainable parameters is refused at construction with its path (use ``PerSampleGradients``).
@@ -150,7 +153,7 @@ def _norm_terms(module, kind, x, gy) -> dict[str, torch.Tensor]:
 
 
 class GhostClipping:
-    """Sum of clipped per-item gradients with mixed ghost clipping (one forward, two backwards).
+    """Sum of clipped per-item gradients with mixed ghost clipping (one forward, one backward, book-keeping).
 
     Args:
         network: the plain network (after ``make_private_compatible``); only parameters with ``requires_grad``
@@ -171,7 +174,8 @@ class GhostClipping:
         self.loss_function = loss_function
         self.inferer = inferer
         self.layers = _check_network(network)
-        self._verified = False  # parameter coverage checked on the first call
+        self._reached: set[str] | None = None  # layers that got an output gradient in the checked first call
+        self._input_only = True  # False once a layer was found whose gradient does not depend on the input
         self._vmap_loss: bool | None = None  # whether the loss runs under vmap (decided on first use)
         self.last_choice: dict[str, str] = {}  # layer path -> "ghost" / "materialise" (weight norm, last call)
 
@@ -204,7 +208,7 @@ class GhostClipping:
         handles = [m.register_forward_hook(self._hook(path, records, state)) for path, m in self.layers.items()]
         ctx = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         # after the first call, backpropagate to the input only: the weight gradients come from book-keeping
-        through_input = self._verified and inputs.is_floating_point()
+        through_input = self._reached is not None and inputs.is_floating_point()
         if through_input:
             inputs = inputs.detach().requires_grad_()
         try:
@@ -216,13 +220,19 @@ class GhostClipping:
         with ctx:
             losses = self._row_losses(preds, targets)
         if through_input:
-            torch.autograd.grad(losses.sum(), [inputs])
+            torch.autograd.grad(losses.sum(), [inputs], allow_unused=True)
         else:  # the first call also checks that every parameter's gradient came through its recorded layer
             names = list(trainable)
             first = torch.autograd.grad(losses.sum(), [trainable[n] for n in names], allow_unused=True)
             self._check_coverage(records, dict(zip(names, first)), rows)
-            self._verified = True
         state["capture"] = False
+        reached = {path for path, calls in records.items() if any(r[1] is not None for r in calls)}
+        if through_input and not reached >= self._reached:  # a layer off the input's path: use the full backward
+            self._reached = None
+            self._input_only = False
+            return self(inputs.detach(), targets, groups, num_items, max_grad_norm, amp_dtype)
+        if self._reached is None and self._input_only:
+            self._reached = reached
         self._check_rows(records, rows)
         norms = self._squared_norms(records, groups, num_items).sqrt()
         weights = (c / (norms + 1e-6)).clamp(max=1.0)

@@ -122,7 +122,7 @@ def test_clipped_sum_equals_clipped_per_item_gradients(name, norm_method):
         for n, ref in ref_sum.items():
             torch.testing.assert_close(summed[n], ref, rtol=1e-6, atol=1e-10,
                                        msg=lambda m, n=n, call=call: f"{name} {n} ({call} call): {m}")
-    assert gc._verified
+    assert gc._reached
     if norm_method != "mixed":
         assert set(gc.last_choice.values()) == {norm_method}
     elif name in ("Convs", "DenseNet121"):
@@ -189,3 +189,29 @@ class _Functional(nn.Module):
 def test_parameter_used_outside_its_layer_is_refused():
     with pytest.raises(DPIncompatibleModuleError, match=r"`inner`: its parameters are used outside its forward"):
         GhostClipping(_Functional(), nn.CrossEntropyLoss())(torch.randn(2, 2), torch.tensor([0, 1]), None, None, 1.0)
+
+
+class _InputFree(nn.Module):
+    """A layer whose output does not depend on the input: a backward to the input alone would miss it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.const = nn.Linear(1, 2)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) + self.const(torch.ones(x.shape[0], 1, dtype=x.dtype))
+
+
+def test_layer_off_the_input_path_keeps_its_gradient_on_later_calls():
+    torch.manual_seed(0)
+    net = _InputFree().double()
+    loss, x, y = nn.CrossEntropyLoss(), torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    ref_sum, ref_norms, _ = _reference(net, loss, x, y, 0.5)
+    gc = GhostClipping(net, loss)
+    for _ in range(3):
+        summed, norms, _, _ = gc(x, y, GROUPS, 3, 0.5)
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-8, atol=1e-12)
+        for n, ref in ref_sum.items():
+            torch.testing.assert_close(summed[n], ref, rtol=1e-6, atol=1e-10)
+    assert not gc._input_only
