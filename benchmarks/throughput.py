@@ -29,7 +29,7 @@ from contextlib import nullcontext
 
 import torch
 from monai.networks import nets
-from torch import nn
+from step_time import _loss, _sync  # the same loss per task and CUDA sync as step_time.py
 
 NETWORKS = {  # name: (builder, spatial dims, task) -- the bundles' default networks
     "DenseNet121-2D (dp_classification_2d)": (lambda: nets.DenseNet121(
@@ -45,19 +45,6 @@ NETWORKS = {  # name: (builder, spatial dims, task) -- the bundles' default netw
 }
 METHODS = ("non-DP", "per-sample", "ghost", "opacus-hooks", "non-DP bf16", "ghost bf16", "non-DP channels_last",
            "ghost channels_last")
-
-
-def _loss(task):
-    if task == "cls":
-        return nn.CrossEntropyLoss()
-    from monai.losses import DiceCELoss
-
-    return DiceCELoss(to_onehot_y=True, softmax=True)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _dp_optimizer(net, batch):

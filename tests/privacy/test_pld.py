@@ -31,9 +31,9 @@ def test_known_answers_rdp_and_pld(q, sigma, steps, rdp_ref, pld_ref):
         acc.step(sigma, q, steps)
     assert pld.get_epsilon(DELTA) == pytest.approx(pld_ref, abs=2e-3)
     assert rdp.get_epsilon(DELTA) == pytest.approx(rdp_ref, abs=2e-3)
-    # PRV and PLD are both tight: they agree within PRV's error bracket, and RDP is about 9% looser
+    # PRV and PLD are both tight: they agree within PRV's error bracket (RDP's ~9 % looseness is pinned by the
+    # two reference values above)
     assert prv.get_epsilon(DELTA) == pytest.approx(pld.get_epsilon(DELTA), abs=0.03)
-    assert 1.05 < rdp.get_epsilon(DELTA) / pld.get_epsilon(DELTA) < 1.12
 
 
 @pytest.mark.parametrize("k, tight, loose", [(1, 8.41, 9.19), (2, 19.9, 29.0), (4, 50.7, 161.0), (8, 141.0, math.inf)])
