@@ -51,6 +51,12 @@ def _save_atomic(path: Path, **arrays) -> None:
             os.remove(tmp)
 
 
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # workers share the cores instead of each spawning one thread per core
+
+
 def _train_one(recipe: Callable, train_indices: np.ndarray, seed: int, path: str) -> str:
     result = recipe(train_indices, seed)
     logits, history = result if isinstance(result, tuple) else (result, [])
@@ -101,7 +107,9 @@ def run_lira(recipe: Callable, labels: Sequence[int], patient_ids: Sequence, out
             done += 1
             report()
     else:
-        with ProcessPoolExecutor(max_workers=int(workers), mp_context=get_context("spawn")) as pool:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
             for fut in as_completed([pool.submit(_train_one, *job) for job in jobs]):
                 fut.result()
                 done += 1

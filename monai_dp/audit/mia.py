@@ -21,6 +21,7 @@ from scipy import stats
 from monai_dp.utils.validation import error_message
 
 __all__ = [
+    "above_bound_test",
     "binormal_auc",
     "hanley_mcneil_se",
     "lira_record_stats",
@@ -108,6 +109,27 @@ def patient_max(record_auc: np.ndarray, patient_ids: Sequence, record_se: np.nda
     if record_se is not None:
         out["auc_se"] = np.asarray(record_se)[top]
     return out
+
+
+def above_bound_test(auc, se, bound: float, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided p-values of "AUC > ``bound``" and which of them Holm's procedure rejects at family-wise ``alpha``.
+
+    With hundreds of records, some estimates land a standard error or more above the bound by chance even when
+    the guarantee holds; Holm's step-down correction keeps the chance of flagging any record wrongly at or
+    below ``alpha`` (given approximately normal estimates with the stated SE).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(error_message("alpha", "a family-wise error rate in (0, 1)", alpha))
+    z = (np.asarray(auc, dtype=np.float64) - bound) / np.maximum(np.asarray(se, dtype=np.float64), 1e-12)
+    p = stats.norm.sf(z)
+    flat = p.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    m = len(flat)
+    passed = flat[order] <= alpha / (m - np.arange(m))
+    k = m if passed.all() else int(np.argmin(passed))  # Holm stops at the first non-rejection
+    reject = np.zeros(m, dtype=bool)
+    reject[order[:k]] = True
+    return p, reject.reshape(p.shape)
 
 
 def null_max_auc(k: int, n_in: int, n_out: int, num_sim: int = 2000, seed: int = 0) -> float:

@@ -46,6 +46,7 @@ def test_patients_above_the_bound_are_flagged():
     assert res["bound"]["auc"] < 0.6
     assert res["record_flag"].tolist() == [False] * 5 + [True]
     assert res["patient_flag"].tolist() == [False, False, False, False, True]
+    assert res["patient_significant"].tolist() == [False, False, False, False, True]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from monai_dp.audit.mia import (
+    above_bound_test,
     binormal_auc,
     hanley_mcneil_se,
     lira_record_stats,
@@ -107,3 +108,40 @@ def test_tail_composition_finds_an_overrepresented_subgroup():
     i = col["groups"].index("minority")
     assert col["pearson_residual"][i] > 5 and col["p_value"] < 1e-6
     assert out["tail_size"] == pytest.approx(250, abs=2)
+
+
+def _holm_reference(p, alpha):
+    """Holm (1979) written out: walk the sorted p-values, reject while p_(i) <= alpha / (m - i + 1)."""
+    m, reject = len(p), [False] * len(p)
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p[j])):
+        if p[i] > alpha / (m - rank):
+            break
+        reject[i] = True
+    return reject
+
+
+def test_above_bound_test_is_holm_on_one_sided_normal_p_values():
+    rng = np.random.default_rng(3)
+    auc, se = rng.uniform(0.5, 1.0, 300), rng.uniform(0.01, 0.1, 300)
+    p, reject = above_bound_test(auc, se, 0.7, alpha=0.05)
+    np.testing.assert_allclose(p, 1 - stats.norm.cdf((auc - 0.7) / se), rtol=1e-9, atol=1e-12)
+    assert reject.tolist() == _holm_reference(p.tolist(), 0.05)
+    assert 0 < reject.sum() < (auc - se > 0.7).sum()  # stricter than the 1-SE flag, yet not empty here
+    with pytest.raises(ValueError, match="alpha"):
+        above_bound_test(auc, se, 0.7, alpha=1.5)
+
+
+def test_lira_records_exactly_at_the_bound_are_flagged_by_1_se_but_not_significantly():
+    """The guarantee holds with equality for 1000 records (true AUC = bound): the 1-SE rule flags some by chance,
+    the corrected test (family-wise 5 %) flags none."""
+    rng = np.random.default_rng(0)
+    models, records, bound = 64, 1000, 0.73
+    member = np.zeros((models, records), bool)
+    member[: models // 2] = True
+    member = rng.permuted(member, axis=0)
+    shift = np.sqrt(2) * stats.norm.ppf(bound)  # binormal AUC of N(shift, 1) vs N(0, 1) is the bound
+    scores = rng.normal(size=(models, records)) + member * shift
+    st = lira_record_stats(scores, member)
+    _, reject = above_bound_test(st["auc"], st["auc_se"], bound)
+    assert (st["auc"] - st["auc_se"] > bound).sum() >= 10
+    assert reject.sum() == 0
