@@ -1,4 +1,9 @@
-from .bounds import TradeOffCurve, gdp_reconstruction_bound, single_point_curve, tradeoff_curve
+from .bounds import (
+    TradeOffCurve,
+    gdp_reconstruction_bound,
+    single_point_curve,
+    tradeoff_curve,
+)
 from .canary import dirac_canary_scores, empirical_epsilon, estimate_mu
 from .lira import membership_matrix, run_lira
 from .one_run import dirac_one_run_audit, one_run_epsilon, one_run_p_value

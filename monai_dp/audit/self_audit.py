@@ -18,7 +18,11 @@ __all__ = ["run_self_audit"]
 def run_self_audit(out: str | Path, runs: int = 64, steps: int = 4, noise_multiplier: float = 1.0,
                    canaries: int = 1000, delta: float = 1e-5, seed: int = 0) -> dict:
     """Run both canary audits; return (and write) the measured values and whether each check passed."""
-    from monai_dp.audit.canary import dirac_canary_scores, empirical_epsilon, estimate_mu
+    from monai_dp.audit.canary import (
+        dirac_canary_scores,
+        empirical_epsilon,
+        estimate_mu,
+    )
     from monai_dp.audit.one_run import dirac_one_run_audit
     from monai_dp.privacy import create_accountant
 
