@@ -117,7 +117,7 @@ def test_handler_state_round_trips_weights_only(tmp_path):
     handler.attach(trainer)
     handler.attach(trainer)  # idempotent
     assert len([h for h, *_ in trainer._event_handlers[Events.ITERATION_COMPLETED]
-                if isinstance(h, PrivacyAccountantHandler)]) == 2  # the trainer's own one plus this one
+                if isinstance(getattr(h, "__self__", h), PrivacyAccountantHandler)]) == 2  # the trainer's + this
     torch.save(handler.state_dict(), tmp_path / "h.pt")
     other = make_trainer(max_epochs=1, target_delta=1e-3)
     fresh = PrivacyAccountantHandler()
@@ -244,3 +244,36 @@ def test_auto_mode_raises_when_ghost_and_per_sample_sums_disagree():
         trainer.run()
     assert trainer.dp_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_accountant_handler_computes_epsilon_per_epoch_not_per_step(monkeypatch):
+    """A tight ε can cost more than a step: by default it is computed at the start, per epoch and at the end,
+    while the step counters are published every iteration."""
+    calls = []
+    trainer = make_trainer(max_epochs=2, target_delta=1e-3, accountant="prv")
+    original = type(trainer.privacy).get_epsilon
+
+    def counting(self, delta=None):
+        calls.append(self.steps)
+        return original(self, delta)
+
+    monkeypatch.setattr(type(trainer.privacy), "get_epsilon", counting)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
+        (e.state.dp_steps, e.state.dp_epsilon_steps)))
+    trainer.run()
+    assert trainer.dp_steps == 20 and [s for s, _ in seen] == list(range(1, 21))
+    assert [e for _, e in seen] == [0] * 10 + [10] * 10  # ε as of the last epoch end
+    assert trainer.state.metrics["epsilon"] == trainer.get_epsilon() and trainer.state.dp_epsilon_steps == 20
+    assert len(calls) <= 5  # STARTED, 2 epochs, COMPLETED (+ the budget check's own, cached, computation)
+
+
+def test_accountant_handler_iteration_interval():
+    handler = PrivacyAccountantHandler(iteration_interval=3, epsilon_key="eps")
+    trainer = make_trainer(max_epochs=1, target_delta=1e-3, handlers=[handler])
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.dp_epsilon_steps))
+    trainer.run()
+    assert seen == [0, 0, 3, 3, 3, 6, 6, 6, 9, 9]
+    with pytest.raises(ValueError, match="iteration_interval"):
+        PrivacyAccountantHandler(iteration_interval=0)

@@ -311,3 +311,36 @@ def test_prv_hands_huge_epsilon_to_rdp():
     with pytest.warns(RuntimeWarning, match="privacy loss domain exceeds PRV_MAX_DOMAIN"):
         eps = PRVAccountant.compute_epsilon(history, DELTA)
     assert eps == RDPAccountant.compute_epsilon(history, DELTA)
+
+
+HISTORIES = [((1.0, 64 / 450, 100),), ((2.457, 4096 / 60000, 560),), ((0.8, 0.01, 3000),),
+             ((1.0, 0.1, 5), (3.0, 0.02, 700))]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_cached_prv_and_rdp_equal_opacus_own(history):
+    """The cached RDP vectors and the assembled PRV computation give exactly Opacus' numbers."""
+    from opacus.accountants import PRVAccountant as OpacusPRV
+    from opacus.accountants import RDPAccountant as OpacusRDP
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    prv, rdp = OpacusPRV(), OpacusRDP()
+    prv.history, rdp.history = list(history), list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert PRVAccountant.compute_epsilon(history, 1e-5) == prv.get_epsilon(1e-5, eps_error=0.01, delta_error=1e-8)
+        assert RDPAccountant.compute_epsilon(history, 1e-5) == rdp.get_epsilon(
+            1e-5, alphas=list(OpacusRDP.DEFAULT_ALPHAS) + list(accountants_module.RDP_EXTRA_ORDERS))
+        domain = compute_safe_domain_size([PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history],
+                                          [n for _, _, n in history], 0.01, 1e-8)
+    assert accountants_module._prv_domain(history, 1e-8) == domain
+
+
+def test_a_growing_history_reuses_the_rdp_vectors():
+    accountants_module._rdp_per_step.cache_clear()
+    acc = PRVAccountant()
+    for _ in range(3):
+        acc.step(noise_multiplier=1.1, sample_rate=0.05, num_steps=10)
+        acc.get_epsilon(1e-5)
+    info = accountants_module._rdp_per_step.cache_info()
+    assert info.misses == 1 and info.hits >= 5  # one (σ, q) pair: computed once, then read
