@@ -361,7 +361,9 @@ def create_accountant(name: str) -> DPAccountant:
     """A new, empty accountant: ``"rdp"``, ``"prv"``, ``"gdp"`` or ``"pld"`` (case-insensitive)."""
     name = check_choice("accountant", name, ACCOUNTANTS)
     if name == "pld":
-        from monai_dp.privacy.pld import PLDAccountant  # imports this module: registered lazily
+        from monai_dp.privacy.pld import (
+            PLDAccountant,  # imports this module: registered lazily
+        )
 
         return PLDAccountant()
     return _CLASSES[name]()

@@ -19,7 +19,11 @@ from torch import nn
 
 from monai_dp.engines import DPSupervisedTrainer
 from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler
-from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError, PrivacyBudgetExhaustedError
+from monai_dp.utils.errors import (
+    DPConfigurationError,
+    DPIncompatibleModuleError,
+    PrivacyBudgetExhaustedError,
+)
 from tests.conftest import TinyClassifier, make_classification_data
 
 

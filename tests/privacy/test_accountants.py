@@ -322,7 +322,10 @@ def test_cached_prv_and_rdp_equal_opacus_own(history):
     """The cached RDP vectors and the assembled PRV computation give exactly Opacus' numbers."""
     from opacus.accountants import PRVAccountant as OpacusPRV
     from opacus.accountants import RDPAccountant as OpacusRDP
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
 
     prv, rdp = OpacusPRV(), OpacusRDP()
     prv.history, rdp.history = list(history), list(history)
