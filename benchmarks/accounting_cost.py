@@ -45,7 +45,7 @@ def query_table() -> list[str]:
         for name in ("opacus-prv", "prv", "opacus-rdp", "rdp", "pld"):
             t = [steps]
 
-            def query(name=name, t=t):
+            def query(name=name, t=t, sigma=sigma, q=q):
                 t[0] += 1  # a new history each time, as after every step: no result cache helps
                 if name == "opacus-prv":
                     acc = OpacusPRV()
