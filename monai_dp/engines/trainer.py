@@ -26,7 +26,11 @@ from monai_dp.data import (
     loader_batch_size,
     make_poisson_loader,
 )
-from monai_dp.data.patients import PatientDataset, patient_ids_of, records_per_patient_summary
+from monai_dp.data.patients import (
+    PatientDataset,
+    patient_ids_of,
+    records_per_patient_summary,
+)
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.privacy_state import PrivacyState
@@ -50,6 +54,26 @@ logger = logging.getLogger(__name__)
 
 PRIVACY_UNITS = ("record", "patient")
 GRAD_SAMPLE_MODES = ("auto", "ghost", "per_sample")
+
+
+class _ScaleOnce:
+    """Opacus' ``scale_grad`` reads ``accumulated_iterations`` (a loop over all parameters) once per parameter:
+    quadratic in the number of parameter tensors (0.1-0.3 s per step for DenseNet121's 364). Same division,
+    with the count read once."""
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            scale = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= scale
+
+
+class _DPOptimizer(_ScaleOnce, DPOptimizer):
+    pass
+
+
+class _DistributedDPOptimizer(_ScaleOnce, DistributedDPOptimizer):
+    pass
 
 
 class DPSupervisedTrainer(SupervisedTrainer):
@@ -195,7 +219,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         generator = None
         if noise_seed is not None:
             generator = torch.Generator(device=torch.device(device)).manual_seed(int(noise_seed))
-        opt_cls = DistributedDPOptimizer if world > 1 else DPOptimizer
+        opt_cls = _DistributedDPOptimizer if world > 1 else _DPOptimizer
         if world > 1:
             _broadcast_parameters(network)
         # per process: each rank divides by its expected share; the all-reduce then averages over ranks
@@ -209,7 +233,11 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.ghost = _ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
         self._mode_chosen = False
 
-        from monai_dp.handlers import PrivacyAccountantHandler, PrivacyBudgetHandler, PrivacyLedgerHandler
+        from monai_dp.handlers import (
+            PrivacyAccountantHandler,
+            PrivacyBudgetHandler,
+            PrivacyLedgerHandler,
+        )
 
         handlers = list(train_handlers or [])
         own: list = []

@@ -234,23 +234,31 @@ class GhostClipping:
         if self._reached is None and self._input_only:
             self._reached = reached
         self._check_rows(records, rows)
-        norms = self._squared_norms(records, groups, num_items).sqrt()
+        per_row_terms: dict[str, dict[str, torch.Tensor]] = {}  # small per-row gradients, reused by book-keeping
+        norms = self._squared_norms(records, groups, num_items, per_row_terms).sqrt()
         weights = (c / (norms + 1e-6)).clamp(max=1.0)
-        summed = self._bookkeeping(records, weights[groups], trainable)
+        summed = self._bookkeeping(records, weights[groups], trainable, per_row_terms)
         return summed, norms.detach(), losses.detach().float(), preds.detach()
 
-    def _bookkeeping(self, records, row_weights, trainable) -> dict[str, torch.Tensor]:
+    def _bookkeeping(self, records, row_weights, trainable, per_row_terms) -> dict[str, torch.Tensor]:
         """``sum_rows w(row) * grad_row`` of every parameter from the recorded inputs and output gradients.
 
         Each layer's weight gradient is linear in its output gradient, so scaling every row's output gradient by
         its item's clip factor and running the layer's weight-gradient computation once on the batch gives the
-        clipped sum (book-keeping, Bu et al. 2023), with no second backward through the network.
+        clipped sum (book-keeping, Bu et al. 2023), with no second backward through the network. Layers whose
+        per-row gradients were already formed for the norms (normalisation layers, PReLU) weight and sum those.
         """
         summed: dict[str, torch.Tensor] = {}
         for path, module in self.layers.items():
             calls = [(x, g) for x, g in records[path] if g is not None]
             prefix = f"{path}." if path else ""
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if path in per_row_terms:
+                for n, t in per_row_terms[path].items():
+                    if n in own:
+                        w = row_weights.to(t.dtype).reshape(-1, *([1] * (t.ndim - 1)))
+                        summed[prefix + n] = (w * t).sum(0).reshape(own[n].shape)
+                continue
             for x, gy in calls:
                 dtype = torch.promote_types(own[next(iter(own))].dtype, torch.float32)
                 x, gy = x.to(dtype), gy.to(dtype)
@@ -324,11 +332,14 @@ class GhostClipping:
         if offenders:
             raise DPIncompatibleModuleError(offenders)
 
-    def _squared_norms(self, records, groups, num_items):
+    def _squared_norms(self, records, groups, num_items, per_row_terms):
         dtype = torch.promote_types(next(iter(self.trainable().values())).dtype, torch.float32)
         total = torch.zeros(num_items, dtype=dtype, device=groups.device)
         counts = torch.bincount(groups, minlength=num_items)
         max_rows = int(counts.max()) if groups.numel() else 1
+        if max_rows == 1 and num_items == groups.numel() and torch.equal(groups, torch.arange(num_items,
+                                                                                             device=groups.device)):
+            groups = None  # one item per row, in order: per-row norms need no summing by item
         for path, module in self.layers.items():
             calls = [(x.to(dtype), g.to(dtype)) for x, g in records[path] if g is not None]
             if not calls:
@@ -341,6 +352,7 @@ class GhostClipping:
                 for x, gy in calls:
                     for n, t in _norm_terms(module, kind, x, gy).items():
                         per_row[n] = per_row[n] + t if n in per_row else t
+                per_row_terms[path] = per_row
                 for n, t in per_row.items():
                     p = getattr(module, n, None)
                     if p is not None and p.requires_grad:
@@ -355,7 +367,7 @@ class GhostClipping:
             ghost = self._use_ghost(positions, d, p)
             if not ghost:  # per-row weight gradients by the convolution's own backward: no unfolded input
                 self.last_choice[path] = "materialise"
-                sq = torch.zeros(num_items, dtype=calls[0][0].dtype, device=groups.device)
+                sq = torch.zeros(num_items, dtype=calls[0][0].dtype, device=calls[0][0].device)
                 if module.bias is not None and module.bias.requires_grad:
                     sq += _item_sq_norm(sum(gy.flatten(2).sum(2) for _, gy in calls), groups, num_items)
                 if module.weight.requires_grad:
@@ -363,7 +375,7 @@ class GhostClipping:
                                         num_items)
                 return sq
         terms = [_linear_terms(module, x, gy) for x, gy in calls]
-        sq = torch.zeros(num_items, dtype=terms[0][0].dtype, device=groups.device)
+        sq = torch.zeros(num_items, dtype=terms[0][0].dtype, device=terms[0][0].device)
         if module.bias is not None and module.bias.requires_grad:
             sq += _item_sq_norm(sum(t[2] for t in terms), groups, num_items)
         if not module.weight.requires_grad:
@@ -396,11 +408,9 @@ def _weighted_grads(module, kind, x, gw, own) -> dict[str, torch.Tensor]:
             out["bias"] = g2.sum(0)
     elif kind == "conv":
         if "weight" in own:
-            pad = [v for lr in reversed(_conv_padding(module)) for v in lr]
-            if any(pad):
-                x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-            out["weight"] = _CONV_WEIGHT[x.ndim - 2](x, module.weight.shape, gw, module.stride, 0, module.dilation,
-                                                     module.groups)
+            x, padding = _padded_input(module, x)
+            out["weight"] = _CONV_WEIGHT[x.ndim - 2](x, module.weight.shape, gw, module.stride, padding,
+                                                     module.dilation, module.groups)
         if "bias" in own:
             out["bias"] = gw.flatten(2).sum((0, 2))
     elif kind == "conv_transpose":
@@ -416,15 +426,25 @@ def _weighted_grads(module, kind, x, gw, own) -> dict[str, torch.Tensor]:
     return out
 
 
-def _conv_weight_per_row(module, x, gy):
-    """``(R, *weight.shape)`` gradient of a convolution's weight for every row, via its batched backward."""
-    pad = [v for lr in reversed(_conv_padding(module)) for v in lr]
+def _padded_input(module, x) -> tuple[torch.Tensor, Any]:
+    """``(x, padding)`` for the weight-gradient convolution: symmetric zero padding is passed on as is (no
+    padded copy of the activation); reflect/replicate/circular or asymmetric ('same') padding is applied."""
+    lr = _conv_padding(module)
+    if module.padding_mode == "zeros" and all(left == right for left, right in lr):
+        return x, tuple(left for left, _ in lr)
+    pad = [v for side in reversed(lr) for v in side]
     if any(pad):
         x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return x, 0
+
+
+def _conv_weight_per_row(module, x, gy):
+    """``(R, *weight.shape)`` gradient of a convolution's weight for every row, via its batched backward."""
+    x, padding = _padded_input(module, x)
     fn, shape = _CONV_WEIGHT[x.ndim - 2], module.weight.shape
 
     def one(xi, gi):
-        return fn(xi.unsqueeze(0), shape, gi.unsqueeze(0), module.stride, 0, module.dilation, module.groups)
+        return fn(xi.unsqueeze(0), shape, gi.unsqueeze(0), module.stride, padding, module.dilation, module.groups)
 
     return torch.func.vmap(one)(x, gy)
 
@@ -435,8 +455,10 @@ def _row_loss(value: torch.Tensor) -> torch.Tensor:
     return value.mean() if value.dtype == torch.float64 else checked
 
 
-def _item_sq_norm(per_row: torch.Tensor, groups: torch.Tensor, num_items: int) -> torch.Tensor:
-    """Sum the rows of each item, then the squared norm per item."""
+def _item_sq_norm(per_row: torch.Tensor, groups: torch.Tensor | None, num_items: int) -> torch.Tensor:
+    """Sum the rows of each item, then the squared norm per item (``groups=None``: one item per row)."""
+    if groups is None:
+        return per_row.flatten(1).pow(2).sum(1)
     items = torch.zeros((num_items, *per_row.shape[1:]), dtype=per_row.dtype, device=per_row.device)
     items.index_add_(0, groups, per_row)
     return items.flatten(1).pow(2).sum(1)
@@ -447,6 +469,8 @@ def _ghost_sq_norm(a, g, groups, num_items, max_rows):
     def gram(a_, g_):
         return (torch.einsum("ntgd,nsgd->ngts", a_, a_) * torch.einsum("ntgp,nsgp->ngts", g_, g_)).sum((1, 2, 3))
 
+    if groups is None:
+        return gram(a, g)
     if max_rows == 1:
         out = torch.zeros(num_items, dtype=a.dtype, device=a.device)
         return out.index_add_(0, groups, gram(a, g))
