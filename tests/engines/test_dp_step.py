@@ -251,3 +251,28 @@ def test_an_interrupted_step_leaves_nothing_behind():
     _run_one_iteration(fresh, batch)
     for a, b in zip(trainer.network.parameters(), fresh.network.parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_trainer_dp_optimizer_equals_opacus(empty):
+    """The trainer's DP optimizer (linear-time scale and empty-batch accumulate) updates exactly as Opacus'."""
+    from opacus.optimizers import DPOptimizer
+
+    from monai_dp.engines.trainer import _DPOptimizer
+
+    results = []
+    for cls in (DPOptimizer, _DPOptimizer):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+        opt = cls(torch.optim.SGD(params, lr=0.5), noise_multiplier=0.7, max_grad_norm=1.0, expected_batch_size=6,
+                  generator=torch.Generator().manual_seed(1))
+        for p in params:
+            rows = 0 if empty else 6
+            p.grad_sample = torch.randn(rows, *p.shape, generator=torch.Generator().manual_seed(p.numel()))
+            if empty:
+                p.summed_grad = torch.full_like(p, 0.3)
+        opt.step()
+        results.append([p.detach().clone() for p in params])
+        opt.zero_grad()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
