@@ -21,11 +21,12 @@ __all__ = ["make_audit_dataset"]
 
 def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_fraction: float = 0.05,
                        label_noise: float = 0.03, size: int = 28, anatomy: float = 0.3, image_noise: float = 0.3,
-                       seed: int = 0) -> dict:
+                       mean_records: float = 1 / 0.45, seed: int = 0) -> dict:
     """``images`` (N, 1, size, size) float32, ``labels`` (N,), ``patient_ids`` (N,), ``metadata`` columns.
 
     ``anatomy`` is the standard deviation of each patient's texture, ``image_noise`` that of the noise drawn
-    anew for every image (the blob's peak is 0.8). ``metadata`` holds ``group`` (majority/minority site),
+    anew for every image (the blob's peak is 0.8). Record counts are geometric with mean ``mean_records``,
+    capped at ``max_records``. ``metadata`` holds ``group`` (majority/minority site),
     ``sex`` and ``atypical`` (whether the patient's label was flipped).
     """
     from scipy.ndimage import gaussian_filter
@@ -38,6 +39,9 @@ def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_f
     for name, v in (("anatomy", anatomy), ("image_noise", image_noise)):
         if not v >= 0:
             raise ValueError(error_message(name, "a standard deviation >= 0", v))
+    if not mean_records >= 1:
+        raise ValueError(error_message("mean_records", "a number >= 1 (records per patient before the cap)",
+                                       mean_records))
     if not size >= 16:
         raise ValueError(error_message("size", "an int >= 16", size))
     rng = np.random.default_rng(seed)
@@ -47,7 +51,7 @@ def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_f
         minority = rng.random() < minority_fraction
         label = int(rng.integers(0, 2))
         flipped = bool(rng.random() < label_noise)
-        k = int(min(max_records, rng.geometric(0.45))) if max_records > 1 else 1
+        k = int(min(max_records, rng.geometric(1 / mean_records))) if max_records > 1 else 1
         cy, cx = (size * 0.3, size * (0.3 if label == 0 else 0.7)) if not minority else \
                  (size * 0.7, size * (0.7 if label == 0 else 0.3))
         cy, cx = cy + rng.normal(0, 1.5), cx + rng.normal(0, 1.5)  # where the patient's structure sits
