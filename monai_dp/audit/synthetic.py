@@ -20,7 +20,7 @@ __all__ = ["make_audit_dataset"]
 
 
 def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_fraction: float = 0.05,
-                       label_noise: float = 0.03, size: int = 28, anatomy: float = 0.3, image_noise: float = 0.3,
+                       label_noise: float = 0.03, size: int = 28, anatomy: float = 0.3, image_noise: float = 0.15,
                        mean_records: float = 1 / 0.45, seed: int = 0) -> dict:
     """``images`` (N, 1, size, size) float32, ``labels`` (N,), ``patient_ids`` (N,), ``metadata`` columns.
 
