@@ -5,7 +5,9 @@ random texture shared by all of that patient's records, as follow-up images of o
 and per-image noise. Each patient has 1 to ``max_records`` records of the same label. A
 ``minority_fraction`` of the patients come from another site with inverted contrast and the blob
 elsewhere: too few to generalise from, they are memorised. ``label_noise`` of the patients carry a wrong
-label (atypical cases that only memorisation fits). Because a patient's records look alike, a model that
+label (atypical cases that only memorisation fits); with ``marker > 0`` they also carry a rare device (a
+bright square of that amplitude, in the same place on all their images), so the model can tell them apart:
+the outliers membership inference finds first. Because a patient's records look alike, a model that
 memorises one of them has in effect seen them all: the setting in which record-level DP under-protects
 patients with many records.
 """
@@ -20,8 +22,8 @@ __all__ = ["make_audit_dataset"]
 
 
 def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_fraction: float = 0.05,
-                       label_noise: float = 0.03, size: int = 28, anatomy: float = 0.3, image_noise: float = 0.15,
-                       mean_records: float = 1 / 0.45, seed: int = 0) -> dict:
+                       label_noise: float = 0.05, size: int = 28, anatomy: float = 0.3, image_noise: float = 0.15,
+                       mean_records: float = 1 / 0.45, marker: float = 2.0, seed: int = 0) -> dict:
     """``images`` (N, 1, size, size) float32, ``labels`` (N,), ``patient_ids`` (N,), ``metadata`` columns.
 
     ``anatomy`` is the standard deviation of each patient's texture, ``image_noise`` that of the noise drawn
@@ -36,7 +38,7 @@ def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_f
     for name, v in (("minority_fraction", minority_fraction), ("label_noise", label_noise)):
         if not 0 <= v < 0.5:
             raise ValueError(error_message(name, "in [0, 0.5)", v))
-    for name, v in (("anatomy", anatomy), ("image_noise", image_noise)):
+    for name, v in (("anatomy", anatomy), ("image_noise", image_noise), ("marker", marker)):
         if not v >= 0:
             raise ValueError(error_message(name, "a standard deviation >= 0", v))
     if not mean_records >= 1:
@@ -45,6 +47,7 @@ def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_f
     if not size >= 16:
         raise ValueError(error_message("size", "an int >= 16", size))
     rng = np.random.default_rng(seed)
+    marker_rng = np.random.default_rng([seed, 1])
     yy, xx = np.mgrid[0:size, 0:size]
     images, labels, pids, group, sex, atypical = [], [], [], [], [], []
     for p in range(num_patients):
@@ -58,6 +61,10 @@ def make_audit_dataset(num_patients: int = 400, max_records: int = 6, minority_f
         texture = gaussian_filter(rng.normal(0, 1, (size, size)), 1.5, mode="wrap")
         texture *= anatomy / max(float(texture.std()), 1e-12)
         s = str(rng.choice(["F", "M"]))
+        if flipped and marker > 0:  # an atypical patient's rare device: a bright 4×4 square, same on every image
+            my, mx = marker_rng.integers(0, size - 4, 2)  # its own stream: the rest of the data set is unchanged
+            texture = texture.copy()
+            texture[my : my + 4, mx : mx + 4] += marker
         for _ in range(k):
             blob = np.exp(-((yy - cy - rng.normal(0, 0.7)) ** 2 + (xx - cx - rng.normal(0, 0.7)) ** 2) / 18.0)
             img = 0.8 * blob + texture + rng.normal(0, image_noise, (size, size))

@@ -46,3 +46,14 @@ def test_subgroups_and_atypical_patients():
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_audit_dataset(**kwargs)
+
+
+def test_atypical_patients_carry_a_marker_on_every_image():
+    plain = make_audit_dataset(num_patients=300, label_noise=0.1, marker=0.0, seed=3)
+    marked = make_audit_dataset(num_patients=300, label_noise=0.1, marker=2.0, seed=3)
+    atypical = marked["metadata"]["atypical"] == "yes"
+    diff = marked["images"] - plain["images"]
+    assert atypical.any() and np.all(diff[~atypical] == 0)
+    for p in np.unique(marked["patient_ids"][atypical]):
+        d = diff[marked["patient_ids"] == p]
+        assert np.allclose(d, d[0]) and np.isclose(np.abs(d[0]).sum(), 16 * 2.0, rtol=1e-5)  # one 4x4 square
