@@ -39,6 +39,21 @@ def _row(name: str, folder: Path) -> str:
             f"{above} | {_minutes(folder):.1f} min |")
 
 
+def _by_records(folder: Path) -> dict[int, tuple[float, float]]:
+    """Mean record AUC of atypical and of typical patients, by the patient's number of records."""
+    import numpy as np
+
+    from monai_dp.audit import make_audit_dataset
+
+    data = make_audit_dataset()  # the data set --synthetic audits
+    with open(folder / "records.csv") as f:
+        auc = np.asarray([float(r["auc"]) for r in csv.DictReader(f)])
+    _, inverse, counts = np.unique(data["patient_ids"], return_inverse=True, return_counts=True)
+    k, atypical = counts[inverse], data["metadata"]["atypical"] == "yes"
+    return {int(n): (float(auc[atypical & (k == n)].mean()) if (atypical & (k == n)).any() else float("nan"),
+                     float(auc[~atypical & (k == n)].mean())) for n in np.unique(k)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/audit_demo")
@@ -58,7 +73,7 @@ def main() -> None:
                           ["--target-epsilon", str(args.epsilon), "--privacy-unit", "record"]),
             "patient_dp": (f"patient-level DP, ε = {args.epsilon:g}",
                            ["--target-epsilon", str(args.epsilon), "--privacy-unit", "patient"])}
-    rows, size = [], ""
+    rows, size, dose = [], "", {}
     for arm, (name, extra) in runs.items():
         if arm not in args.arms:
             continue
@@ -66,6 +81,7 @@ def main() -> None:
         cli(["audit", "--out", str(folder), "--num-models", str(args.num_models), "--workers", str(args.workers),
              *recipe, *extra])
         rows.append(_row(name, folder))
+        dose[name] = _by_records(folder)
         summary = json.loads((folder / "summary.json").read_text())
         size = f"{summary['num_patients']} patients, {summary['num_records']} records"
     table = "\n".join([f"{args.num_models} models per audit, synthetic audit data set ({size}); "
@@ -74,6 +90,14 @@ def main() -> None:
                        "max patient AUC | patients with AUC > 0.9 | AUC bound of the guarantee | patients above "
                        "the bound: by > 1 SE / significantly (their records) | time |",
                        "|---|---|---|---|---|---|---|---|---|", *rows])
+    ks = sorted({k for d in dose.values() for k in d})
+    table += "\n\n" + "\n".join([
+        "Mean record AUC of atypical patients (label flipped, rare device) and, in brackets, of the others, by "
+        "the patient's number of records:", "",
+        "| training | " + " | ".join(f"{k} record{'s' if k > 1 else ''}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+        *[f"| {name} | " + " | ".join(f"{d[k][0]:.3f} ({d[k][1]:.3f})" if k in d else "-" for k in ks) + " |"
+          for name, d in dose.items()]])
     (Path(args.out) / "audit_demo.md").write_text(table + "\n")
     print(table)
 
