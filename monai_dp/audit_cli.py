@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                    help="bundle config override, e.g. --override max_epochs=5 --override dataset_dir='\"/data\"'")
     p.add_argument("--num-patients", type=int, default=400, help="synthetic data: number of patients")
+    p.add_argument("--max-records", type=int, default=6, help="synthetic data: most records of one patient")
+    p.add_argument("--mean-records", type=float, default=1 / 0.45,
+                   help="synthetic data: mean records per patient before the cap (geometric)")
     p.add_argument("--num-models", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -56,7 +59,8 @@ def _load(args) -> dict:
     if args.synthetic:
         from monai_dp.audit.synthetic import make_audit_dataset
 
-        return make_audit_dataset(num_patients=args.num_patients, seed=args.seed)
+        return make_audit_dataset(num_patients=args.num_patients, max_records=args.max_records,
+                                  mean_records=args.mean_records, seed=args.seed)
     with np.load(args.npz, allow_pickle=False) as f:
         missing = {"images", "labels", "patient_ids"} - set(f.files)
         if missing:
