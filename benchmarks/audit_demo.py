@@ -40,7 +40,7 @@ def _row(name: str, folder: Path) -> str:
 
 
 def _by_records(folder: Path) -> dict[int, tuple[float, float]]:
-    """Mean record AUC of atypical and of typical patients, by the patient's number of records."""
+    """By the patient's number of records: mean record AUC of atypical and of other patients, atypical count."""
     import numpy as np
 
     from monai_dp.audit import make_audit_dataset
@@ -51,7 +51,8 @@ def _by_records(folder: Path) -> dict[int, tuple[float, float]]:
     _, inverse, counts = np.unique(data["patient_ids"], return_inverse=True, return_counts=True)
     k, atypical = counts[inverse], data["metadata"]["atypical"] == "yes"
     return {int(n): (float(auc[atypical & (k == n)].mean()) if (atypical & (k == n)).any() else float("nan"),
-                     float(auc[~atypical & (k == n)].mean())) for n in np.unique(k)}
+                     float(auc[~atypical & (k == n)].mean()), int((atypical & (k == n)).sum()) // int(n))
+            for n in np.unique(k)}
 
 
 def main() -> None:
@@ -94,10 +95,11 @@ def main() -> None:
     table += "\n\n" + "\n".join([
         "Mean record AUC of atypical patients (label flipped, rare device) and, in brackets, of the others, by "
         "the patient's number of records:", "",
-        "| training | " + " | ".join(f"{k} record{'s' if k > 1 else ''}" for k in ks) + " |",
+        "| training | " + " | ".join(f"{k} record{'s' if k > 1 else ''} ({next(iter(dose.values()))[k][2]} atypical)"
+                                     for k in ks) + " |",
         "|---|" + "---|" * len(ks),
-        *[f"| {name} | " + " | ".join(f"{d[k][0]:.3f} ({d[k][1]:.3f})" if k in d else "-" for k in ks) + " |"
-          for name, d in dose.items()]])
+        *[f"| {name} | " + " | ".join(("-" if d[k][2] == 0 else f"{d[k][0]:.3f}") + f" ({d[k][1]:.3f})" for k in ks)
+          + " |" for name, d in dose.items()]])
     (Path(args.out) / "audit_demo.md").write_text(table + "\n")
     print(table)
 
