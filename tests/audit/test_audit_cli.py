@@ -17,7 +17,7 @@ from monai_dp.privacy import Mechanism
 def test_cli_writes_the_report_folder(tmp_path, capsys):
     out = tmp_path / "audit"
     rc = main(["audit", "--out", str(out), "--synthetic", "--num-patients", "30", "--num-models", "4", "--epochs", "2",
-               "--noise-multiplier", "1.0", "--privacy-unit", "patient", "--batch-size", "8"])
+               "--noise-multiplier", "1.0", "--privacy-unit", "patient", "--batch-size", "8", "--max-records", "3"])
     assert rc == 0
     for name in ("report.md", "report.html", "records.csv", "patients.csv", "summary.json",
                  "patient_auc_survival.png", "aggregate_roc.png", "subgroup_group.png", "model_0003.npz"):
@@ -26,7 +26,10 @@ def test_cli_writes_the_report_folder(tmp_path, capsys):
     assert summary["unit"] == "patient" and summary["num_models"] == 4
     assert 0.5 < summary["bound"]["auc"] < 1.0
     rows = list(csv.DictReader(open(out / "patients.csv")))
-    assert len(rows) == summary["num_patients"] and {"patient_id", "auc", "above_bound"} <= set(rows[0])
+    assert len(rows) == summary["num_patients"] and {"patient_id", "auc", "above_bound",
+                                                     "significantly_above_bound"} <= set(rows[0])
+    assert max(int(r["num_records"]) for r in rows) <= 3 < summary["num_records"]
+    assert summary["patients_significantly_above_bound"] is not None
     assert "Privacy audit (patient-level training)" in capsys.readouterr().out
 
 
