@@ -97,7 +97,8 @@ def lira_record_stats(scores: np.ndarray, member: np.ndarray) -> dict[str, np.nd
 
 
 def patient_max(record_auc: np.ndarray, patient_ids: Sequence, record_se: np.ndarray | None = None) -> dict:
-    """Per-patient maximum record AUC (and that record's SE), with each patient's record count."""
+    """Per-patient maximum record AUC (and that record's SE), each patient's record count, and
+    ``record_patient``: the index (into ``patient_id``) of every record's patient."""
     ids = np.asarray([str(p) for p in patient_ids])
     uniq, inverse = np.unique(ids, return_inverse=True)
     order = np.lexsort((-np.asarray(record_auc), inverse))  # by patient, then AUC descending
@@ -105,7 +106,7 @@ def patient_max(record_auc: np.ndarray, patient_ids: Sequence, record_se: np.nda
     first[1:] = inverse[order][1:] != inverse[order][:-1]
     top = order[first]
     out = {"patient_id": uniq, "auc": np.asarray(record_auc)[top], "num_records": np.bincount(inverse),
-           "record_index": top}
+           "record_index": top, "record_patient": inverse}
     if record_se is not None:
         out["auc_se"] = np.asarray(record_se)[top]
     return out

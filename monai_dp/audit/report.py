@@ -55,8 +55,7 @@ def analyse(scores: np.ndarray, member: np.ndarray, patient_ids: Sequence, mecha
         out["patient_flag"] = pat["auc"] - pat["auc_se"] > bound
         # the verdict: above the bound after correcting for testing every record (Holm, family-wise ALPHA)
         out["record_p"], out["record_significant"] = above_bound_test(rec["auc"], rec["auc_se"], bound, ALPHA)
-        _, inverse = np.unique(np.asarray([str(p) for p in patient_ids]), return_inverse=True)
-        out["patient_significant"] = np.bincount(inverse, weights=out["record_significant"],
+        out["patient_significant"] = np.bincount(pat["record_patient"], weights=out["record_significant"],
                                                  minlength=len(pat["patient_id"])) > 0
     if metadata:
         out["subgroups"] = tail_composition(rec["auc"], metadata, percentile)
