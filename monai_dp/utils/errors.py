@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["DPConfigurationError", "DPIncompatibleModuleError", "DatasetError", "PrivacyBudgetExhaustedError"]
+__all__ = [
+    "DPConfigurationError",
+    "DPIncompatibleModuleError",
+    "DatasetError",
+    "LedgerIntegrityError",
+    "PrivacyBudgetExhaustedError",
+]
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
@@ -30,3 +36,10 @@ class DPIncompatibleModuleError(ValueError):
 
 class DatasetError(ValueError):
     """Raised when a dataset cannot be used as given; the message names the file, the record and the problem."""
+
+
+class LedgerIntegrityError(RuntimeError):
+    """Raised when a privacy ledger fails its integrity check (hash chain, tables, triggers, emptied file).
+
+    The message names the ledger file and what changed (which table, row and column); nothing is trained on it.
+    """
