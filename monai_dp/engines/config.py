@@ -12,6 +12,7 @@ from monai_dp.utils.validation import (
     check_positive,
     check_positive_int,
     error_message,
+    is_real,
 )
 
 __all__ = ["DPSettings", "check_amp", "resolve_delta"]
@@ -63,13 +64,13 @@ def resolve_delta(target_delta: float | None, num_units: int, unit: str = "recor
     """Check δ against the number of protected units N; default ``min(1e-5, 1 / (10 N))``.
 
     δ >= 1/N allows a mechanism that publishes one unit's data outright, so it is refused; δ > 1/(10 N) is
-    allowed with a warning.
+    allowed with a warning. NumPy scalars (``np.float32(1e-5)``) are accepted; bools and NaN are refused.
     """
     if target_delta is None:
         delta = min(1e-5, 1.0 / (10 * num_units))
         logger.info("target_delta not given; using %.3g = min(1e-5, 1/(10 N)) with N = %d %ss.", delta, num_units, unit)
         return delta
-    if isinstance(target_delta, bool) or not isinstance(target_delta, (int, float)):
+    if not is_real(target_delta):  # Python or NumPy ints and floats; bools are refused
         raise TypeError(error_message("target_delta", "a number", type(target_delta).__name__))
     if not (0 < target_delta < 1.0 / num_units):
         raise ValueError(

@@ -7,7 +7,10 @@ sentence of fix where one exists. Checks are written as ``not x > 0`` so that Na
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "check_choice",
@@ -17,24 +20,40 @@ __all__ = [
     "check_positive_int",
     "check_type",
     "error_message",
+    "is_integer",
+    "is_real",
 ]
 
 
 def error_message(name: str, constraint: str, value: Any, fix: str | None = None) -> str:
-    """Format the project's error message: name the argument, the constraint, the value and the fix."""
+    """Format the project's error message: name the argument, the constraint, the value and the fix.
+
+    A NumPy scalar is shown as the Python number it holds (``nan``, not ``np.float32(nan)``).
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
     msg = f"`{name}` must be {constraint}, got {value!r}."
     if fix:
         msg += f" {fix}"
     return msg
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number: Python or NumPy ints and floats (``numbers.Real``), not a bool.
+
+    NaN is a real number here; the range checks below refuse it (``not x > 0``).
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer: Python or NumPy ints (``numbers.Integral``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_positive(name: str, value: Any, fix: str | None = None) -> float:
     """Return ``float(value)`` if it is a finite number > 0, else raise ``ValueError``/``TypeError``."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(error_message(name, "a number", type(value).__name__, fix))
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(error_message(name, "a finite number > 0", value, fix))
@@ -43,7 +62,7 @@ def check_positive(name: str, value: Any, fix: str | None = None) -> float:
 
 def check_non_negative(name: str, value: Any, fix: str | None = None) -> float:
     """Return ``float(value)`` if it is a finite number >= 0."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(error_message(name, "a number", type(value).__name__, fix))
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(error_message(name, "a finite number >= 0", value, fix))
@@ -52,7 +71,7 @@ def check_non_negative(name: str, value: Any, fix: str | None = None) -> float:
 
 def check_open_unit_interval(name: str, value: Any, fix: str | None = None) -> float:
     """Return ``float(value)`` if 0 < value < 1."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(error_message(name, "a number", type(value).__name__, fix))
     if not (0 < value < 1):
         raise ValueError(error_message(name, "in (0, 1)", value, fix))
@@ -60,12 +79,12 @@ def check_open_unit_interval(name: str, value: Any, fix: str | None = None) -> f
 
 
 def check_positive_int(name: str, value: Any, fix: str | None = None) -> int:
-    """Return ``value`` if it is an int >= 1 (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``int(value)`` if it is an int >= 1 (NumPy ints accepted, bools refused)."""
+    if not is_integer(value):
         raise TypeError(error_message(name, "an int", type(value).__name__, fix))
     if not value >= 1:
         raise ValueError(error_message(name, "an int >= 1", value, fix))
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str], fix: str | None = None) -> str:
