@@ -12,6 +12,7 @@ from .patients import PatientDataset, patient_ids_of, records_per_patient_summar
 from .png import LoadPNGd, read_png
 from .poisson import (
     DistributedPoissonBatchSampler,
+    check_loader_sampling,
     dataset_length,
     loader_batch_size,
     make_distributed_poisson_loader,
@@ -29,6 +30,7 @@ __all__ = [
     "GroupedBatch",
     "LoadPNGd",
     "PatientDataset",
+    "check_loader_sampling",
     "dataset_length",
     "get_row_groups",
     "is_empty_batch",

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from monai_dp.data.collate import DPCollate
 from monai_dp.utils.validation import error_message
@@ -24,12 +25,18 @@ __all__ = [
     "loader_batch_size",
     "make_distributed_poisson_loader",
     "make_poisson_loader",
+    "check_loader_sampling",
     "rebuild_loader",
 ]
 
 logger = logging.getLogger(__name__)
 
 _FIX_LOADER = "Pass a torch/MONAI `DataLoader` over a dataset with `__len__` and a `batch_size`."
+_FIX_ITERABLE = ("Poisson sampling draws items by index, so it needs a map-style dataset; use "
+                 "monai.data.Dataset (or CacheDataset) over the datalist.")
+_FIX_SUBSET = ("Poisson sampling replaces the sampler and draws from the whole dataset, so a held-out part would "
+               "be trained on; pass the part to train on as the dataset (`torch.utils.data.Subset(dataset, "
+               "indices)`) with shuffle=True or False. Reweight classes in the loss, not in the sampler.")
 
 
 def dataset_length(loader: Any) -> int:
@@ -43,9 +50,52 @@ def dataset_length(loader: Any) -> int:
             error_message("train_data_loader.dataset", "a dataset with a length", type(loader.dataset).__name__,
                           "DP accounting needs the number of items N; use a map-style dataset.")
         ) from None
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError(error_message("train_data_loader.dataset", "a map-style dataset (not an IterableDataset)",
+                                      type(loader.dataset).__name__, _FIX_ITERABLE))
     if not n > 0:
         raise ValueError(error_message("train_data_loader.dataset", "non-empty", f"{n} items", "Check the datalist."))
     return int(n)
+
+
+def _sampler_problem(sampler: Any, n: int) -> str | None:
+    """Why ``sampler`` is not a plain pass over all ``n`` items (``None`` when it is)."""
+    if type(sampler) is SequentialSampler:
+        return None if len(sampler) == n else f"a SequentialSampler over {len(sampler)} of the {n} items"
+    if type(sampler) is RandomSampler:
+        if sampler.replacement:
+            return "a RandomSampler with replacement=True"
+        if sampler.num_samples != n:
+            return f"a RandomSampler with num_samples={sampler.num_samples} (the dataset has {n} items)"
+        return None
+    return type(sampler).__name__
+
+
+def check_loader_sampling(loader: DataLoader) -> None:
+    """Refuse a loader whose sampling Poisson sampling cannot replace without changing what is trained on.
+
+    Poisson sampling draws from the whole dataset, so only the loader's default sampling is accepted: a
+    ``SequentialSampler`` or a ``RandomSampler`` (without replacement, all items) inside the default
+    ``BatchSampler``. A restricting or reweighting sampler (``SubsetRandomSampler``, ``WeightedRandomSampler``, a
+    custom sampler or batch sampler) is refused: the subset must be the dataset. A ``DistributedSampler`` is
+    refused too: under ``torchrun`` the DP trainer shards the Poisson sampling itself.
+    """
+    n = dataset_length(loader)
+    for name in ("sampler", "batch_sampler"):
+        if isinstance(getattr(loader, name, None), DistributedSampler):
+            raise ValueError(error_message(
+                f"train_data_loader.{name}", "the loader's default (sequential or shuffled) sampler",
+                "DistributedSampler", "Pass the plain loader over the whole dataset: under torchrun the DP trainer "
+                "shards Poisson sampling across processes itself."))
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        raise ValueError(error_message("train_data_loader.batch_sampler", "the default BatchSampler",
+                                       type(batch_sampler).__name__, _FIX_SUBSET))
+    sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
+    problem = _sampler_problem(sampler, n)
+    if problem is not None:
+        raise ValueError(error_message("train_data_loader.sampler", "a SequentialSampler or RandomSampler over all "
+                                       f"{n} items (shuffle=True or False)", problem, _FIX_SUBSET))
 
 
 def loader_batch_size(loader: DataLoader) -> int:
@@ -95,15 +145,14 @@ def make_poisson_loader(
     One epoch is ``int(1 / sample_rate)`` batches, as in Opacus. Empty batches are returned as the marker
     of :func:`monai_dp.data.collate.is_empty_batch`. ``dataset`` replaces the loader's dataset (its items
     are then the sampled units, e.g. patients).
+
+    The loader must be map-style with its default sampling (see :func:`check_loader_sampling`): a sampler that
+    restricts or reweights the data would silently be replaced by sampling from the whole dataset.
     """
+    check_loader_sampling(loader)
     n = dataset_length(loader) if dataset is None else len(dataset)
     if not 0 < sample_rate <= 1:
         raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
-    original = getattr(loader, "sampler", None)
-    if original is not None and not isinstance(original, (SequentialSampler, RandomSampler)):
-        logger.warning("The loader's %s is replaced by Poisson sampling (each item with probability %.4g); "
-                       "DP accounting needs it. Reweight classes in the loss instead.", type(original).__name__,
-                       sample_rate)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator)
     return rebuild_loader(loader, sampler, dataset)
 
@@ -155,6 +204,7 @@ def _rank_generator(sampling_seed: int | None, rank: int) -> torch.Generator:
 def make_distributed_poisson_loader(loader: DataLoader, sample_rate: float, rank: int, world_size: int,
                                     sampling_seed: int | None = None, dataset: Any = None) -> DataLoader:
     """Rebuild ``loader`` with :class:`DistributedPoissonBatchSampler` for this rank (``dataset``: see above)."""
+    check_loader_sampling(loader)
     n = dataset_length(loader) if dataset is None else len(dataset)
     if not 0 < sample_rate <= 1:
         raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.data import DataLoader, Dataset
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import (
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+from torch.utils.data.distributed import DistributedSampler
 from monai.transforms import Compose, RandCropByPosNegLabeld
 
 from monai_dp.data import (
@@ -12,7 +23,10 @@ from monai_dp.data import (
     GROUP_KEY,
     DPCollate,
     GroupedBatch,
+    check_loader_sampling,
+    dataset_length,
     get_row_groups,
+    make_distributed_poisson_loader,
     make_poisson_loader,
 )
 from tests.conftest import make_classification_data
@@ -104,13 +118,87 @@ def test_multi_crop_trainer_clips_per_image():
         assert rows == 4 * items == 4 * grad_rows
 
 
-def test_replacing_a_custom_sampler_is_logged(caplog):
-    import logging
-
-    from torch.utils.data import WeightedRandomSampler
-
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: dict(sampler=WeightedRandomSampler([1.0] * 20, 20)),
+         r"`train_data_loader.sampler` must be a SequentialSampler or RandomSampler over all 20 items "
+         r"\(shuffle=True or False\), got 'WeightedRandomSampler'. .*torch.utils.data.Subset\(dataset, indices\)"),
+        (lambda d: dict(sampler=SubsetRandomSampler(range(10))), r"got 'SubsetRandomSampler'. .*held-out"),
+        (lambda d: dict(sampler=RandomSampler(d, replacement=True)), r"got 'a RandomSampler with replacement=True'"),
+        (lambda d: dict(sampler=RandomSampler(d, num_samples=10)),
+         r"got 'a RandomSampler with num_samples=10 \(the dataset has 20 items\)'"),
+        (lambda d: dict(sampler=SequentialSampler(range(10))), r"got 'a SequentialSampler over 10 of the 20 items'"),
+        (lambda d: dict(sampler=Every2nd()), r"got 'Every2nd'"),
+    ],
+)
+def test_restricting_samplers_are_refused(make, match):
     data = list(range(20))
-    loader = DataLoader(data, batch_size=4, sampler=WeightedRandomSampler([1.0] * 20, 20))
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(ValueError, match=match):
+        make_poisson_loader(DataLoader(data, batch_size=4, **make(data)), 0.2)
+
+
+class Every2nd(Sampler):
+    def __iter__(self):
+        return iter(range(0, 20, 2))
+
+    def __len__(self):
+        return 10
+
+
+def test_custom_batch_sampler_is_refused():
+    data = list(range(20))
+    loader = TorchDataLoader(data, batch_sampler=[[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"`train_data_loader.batch_sampler` must be the default BatchSampler, "
+                                         r"got 'list'. .*Subset"):
         make_poisson_loader(loader, 0.2)
-    assert "WeightedRandomSampler is replaced by Poisson sampling" in caplog.text
+
+
+def test_distributed_sampler_is_refused_with_the_fix():
+    data = list(range(20))
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    match = (r"`train_data_loader.sampler` must be the loader's default \(sequential or shuffled\) sampler, got "
+             r"'DistributedSampler'. Pass the plain loader .* the DP trainer shards")
+    with pytest.raises(ValueError, match=match):
+        make_poisson_loader(loader, 0.2)
+    with pytest.raises(ValueError, match=match):
+        make_distributed_poisson_loader(loader, 0.2, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_default_samplers_are_accepted(shuffle):
+    data = list(range(20))
+    for loader in (TorchDataLoader(data, batch_size=4, shuffle=shuffle), DataLoader(Dataset(data), batch_size=4,
+                                                                                    shuffle=shuffle)):
+        check_loader_sampling(loader)
+        assert len(make_poisson_loader(loader, 0.2)) == 5
+
+
+class SizedStream(IterableDataset):
+    def __iter__(self):
+        yield from range(8)
+
+    def __len__(self):
+        return 8
+
+
+def test_iterable_dataset_with_length_is_refused_up_front(recwarn):
+    loader = TorchDataLoader(SizedStream(), batch_size=4)
+    match = (r"`train_data_loader.dataset` must be a map-style dataset \(not an IterableDataset\), got 'SizedStream'. "
+             r"Poisson sampling draws items by index, .*monai.data.Dataset \(or CacheDataset\)")
+    with pytest.raises(TypeError, match=match):
+        dataset_length(loader)
+    with pytest.raises(TypeError, match=match):
+        make_poisson_loader(loader, 0.5)
+    with pytest.raises(TypeError, match=match):
+        make_distributed_poisson_loader(loader, 0.5, rank=0, world_size=1)
+    assert not [w for w in recwarn if "replaced" in str(w.message)]
+
+
+def test_iterable_dataset_without_length_keeps_its_message():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from range(8)
+
+    with pytest.raises(TypeError, match=r"`train_data_loader.dataset` must be a dataset with a length, got 'Stream'"):
+        dataset_length(TorchDataLoader(Stream(), batch_size=4))
