@@ -2,7 +2,8 @@
 
 One SQLite file (standard library ``sqlite3``; WAL journal, ``synchronous=FULL``). Each data set (identified by
 :func:`~monai_dp.privacy.fingerprint.dataset_fingerprint` or any stable id) has a fixed budget; each run records
-its mechanism (σ, q, clip norm, unit, group size), who ran it where, and how many steps it took.
+its mechanism (σ, q, clip norm, unit, group size, sampling, whether its noise was seeded), who ran it where, and
+how many steps it took.
 
 - The total spent is the tight PLD composition (:func:`~monai_dp.privacy.pld.compose_epsilon`) of all runs, not a
   sum of ε's. Runs of the same mechanism are merged into one (σ, q, steps, group) term first, so the total does
@@ -12,8 +13,10 @@ its mechanism (σ, q, clip norm, unit, group size), who ran it where, and how ma
   counts its whole reservation, so two trainers starting at once cannot both spend the last of the budget.
 - :meth:`LedgerRun.claim_step` commits ``steps_taken + 1`` *before* the step is taken (write-ahead): a crash can
   only over-count. A run whose process died is marked ``interrupted`` and counts the steps it claimed.
-- Rows are never deleted; triggers refuse deletes, changes of a budget or of a run's mechanism, and updates of
-  a run that has ended.
+- Rows are never deleted; triggers refuse deletes, replacements, changes of a budget or of a run's mechanism,
+  and updates of a run that has ended. Every registration, start and end of a run is an event of a hash chain
+  (:mod:`~monai_dp.privacy.ledger_chain`), verified whenever the ledger is used: a ledger changed behind its
+  back raises :class:`~monai_dp.utils.errors.LedgerIntegrityError` naming what changed.
 """
 
 from __future__ import annotations
@@ -23,14 +26,28 @@ import logging
 import os
 import socket
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple, Self
 
+from monai_dp.privacy import ledger_file
+from monai_dp.privacy.ledger_chain import ChainState, append_event, find_event, start_chain, verify
+from monai_dp.privacy.ledger_report import format_account
+from monai_dp.privacy.ledger_run import (
+    LedgerRun,
+    RunPlan,
+    Spent,
+    charged,
+    end_run,
+    composed_epsilon,
+    mechanisms,
+    now,
+    run_row,
+)
+from monai_dp.privacy.ledger_schema import SCHEMA_VERSION, create_schema, schema_version
 from monai_dp.privacy.pld import Mechanism, compose_epsilon, max_steps_within_budget
-from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+from monai_dp.utils.errors import LedgerIntegrityError, PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import (
     check_choice,
     check_open_unit_interval,
@@ -39,46 +56,14 @@ from monai_dp.utils.validation import (
     error_message,
 )
 
-__all__ = ["LedgerRun", "PrivacyLedger", "RunPlan", "Spent"]
+__all__ = ["ChainState", "LedgerRun", "PrivacyLedger", "RunPlan", "Spent"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 UNITS = ("record", "patient")
-FINAL_STATUSES = ("finished", "stopped", "failed")
 BUSY_TIMEOUT_S = 30.0
 _OPTIMISTIC_TRIES = 3  # PLD queries run outside the write lock; after this many lost races, under it
 _HOST = socket.gethostname()
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    ("CREATE TABLE IF NOT EXISTS datasets(dataset_id TEXT PRIMARY KEY, epsilon REAL NOT NULL CHECK (epsilon > 0), "
-     "delta REAL NOT NULL CHECK (delta > 0 AND delta < 1), unit TEXT NOT NULL CHECK (unit IN ('record', 'patient')), "
-     "created_at TEXT NOT NULL, created_by TEXT NOT NULL, description TEXT NOT NULL DEFAULT '')"),
-    ("CREATE TABLE IF NOT EXISTS runs(run_id INTEGER PRIMARY KEY AUTOINCREMENT, "
-     "dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id), status TEXT NOT NULL CHECK (status IN "
-     "('running', 'finished', 'stopped', 'failed', 'interrupted')), unit TEXT NOT NULL CHECK (unit IN "
-     "('record', 'patient')), sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1), "
-     "noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0), max_grad_norm REAL NOT NULL, "
-     "group_size INTEGER NOT NULL CHECK (group_size >= 1), reserved_steps INTEGER NOT NULL, "
-     "steps_taken INTEGER NOT NULL DEFAULT 0 CHECK (steps_taken >= 0 AND steps_taken <= reserved_steps), "
-     "started_at TEXT NOT NULL, finished_at TEXT, user TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, "
-     "note TEXT NOT NULL DEFAULT '', resumes INTEGER REFERENCES runs(run_id))"),
-    "CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset_id, status)",
-    # append-only: nothing is deleted, budgets and mechanisms never change, an ended run stays as it ended
-    ("CREATE TRIGGER IF NOT EXISTS datasets_keep BEFORE DELETE ON datasets "
-     "BEGIN SELECT RAISE(ABORT, 'privacy ledger: data sets are never deleted'); END"),
-    ("CREATE TRIGGER IF NOT EXISTS datasets_fixed BEFORE UPDATE ON datasets "
-     "BEGIN SELECT RAISE(ABORT, 'privacy ledger: a recorded budget never changes'); END"),
-    ("CREATE TRIGGER IF NOT EXISTS runs_keep BEFORE DELETE ON runs "
-     "BEGIN SELECT RAISE(ABORT, 'privacy ledger: runs are never deleted'); END"),
-    ("CREATE TRIGGER IF NOT EXISTS runs_append_only BEFORE UPDATE ON runs WHEN OLD.status != 'running' "
-     "OR NEW.steps_taken < OLD.steps_taken OR NEW.reserved_steps != OLD.reserved_steps "
-     "OR NEW.dataset_id != OLD.dataset_id OR NEW.unit != OLD.unit OR NEW.sample_rate != OLD.sample_rate "
-     "OR NEW.noise_multiplier != OLD.noise_multiplier OR NEW.group_size != OLD.group_size "
-     "OR NEW.started_at != OLD.started_at OR NEW.pid != OLD.pid OR NEW.host != OLD.host "
-     "BEGIN SELECT RAISE(ABORT, 'privacy ledger: only a running run is updated, and only forward'); END"),
-)
 
 
 def pid_alive(pid: int) -> bool:
@@ -96,25 +81,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class RunPlan(NamedTuple):
-    """What :meth:`PrivacyLedger.check_run` found: steps that fit, ε before and after them (at the budget δ)."""
-
-    dataset_id: str
-    planned_steps: int
-    allowed_steps: int
-    spent_epsilon: float
-    epsilon_after: float
-    budget_epsilon: float
-    budget_delta: float
-
-
-class Spent(NamedTuple):
-    """ε spent on a data set and the runs that spent it (dicts with their ``charged_steps``)."""
-
-    epsilon: float
-    runs: list[dict]
-
-
 class _Request(NamedTuple):
     noise_multiplier: float
     sample_rate: float
@@ -123,41 +89,11 @@ class _Request(NamedTuple):
     group_size: int
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _user() -> str:
     try:
         return getpass.getuser()
     except (OSError, KeyError, ImportError):  # no login name (containers without USER); the ledger still records pid and host
         return "unknown"
-
-
-def _charged(run: sqlite3.Row | dict, reservations: bool) -> int:
-    """Steps a run is charged: its reservation while it runs (if ``reservations``), else the steps it claimed."""
-    if reservations and run["status"] == "running":
-        return max(run["reserved_steps"], run["steps_taken"])
-    return run["steps_taken"]
-
-
-def _canonical(mechanisms: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
-    """One term per (σ, q, group) with the steps summed, sorted: the same composition, independent of order."""
-    steps: dict[tuple, int] = {}
-    for m in mechanisms:
-        key = (m.noise_multiplier, m.sample_rate, m.group_size)
-        steps[key] = steps.get(key, 0) + m.steps
-    return tuple(sorted(Mechanism(s, q, n, g) for (s, q, g), n in steps.items() if n > 0))
-
-
-def _mechanisms(runs: Iterable[sqlite3.Row | dict], reservations: bool = True) -> tuple[Mechanism, ...]:
-    """What the runs spent, as a canonical composition (running runs count their reservation if asked)."""
-    return _canonical(Mechanism(r["noise_multiplier"], r["sample_rate"], _charged(r, reservations), r["group_size"])
-                      for r in runs)
-
-
-def _epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
-    return compose_epsilon(_canonical(mechanisms), delta)
 
 
 def _check_dataset_id(dataset_id: Any) -> str:
@@ -170,67 +106,112 @@ def _check_dataset_id(dataset_id: Any) -> str:
 
 
 class PrivacyLedger:
-    """The ledger in the SQLite file ``path`` (created with its tables unless ``create=False``).
+    """The ledger in the SQLite file ``path``.
 
-    One connection per process (re-opened after a fork); use as a context manager or call :meth:`close`.
+    A missing file is created (with its tables and the genesis of its hash chain) unless ``create=False``; an
+    existing one is verified (:meth:`verify`) before any use and again whenever another connection changed it.
+    ``read_only=True`` reads a ledger that may not be written (a read-only file or folder, an archive): writes
+    then raise ``PermissionError``, as does opening a read-only ledger without it. One connection per process
+    (re-opened after a fork); use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike, create: bool = True, timeout: float = BUSY_TIMEOUT_S):
+    def __init__(self, path: str | os.PathLike, create: bool = True, timeout: float = BUSY_TIMEOUT_S,
+                 read_only: bool = False):
         self.path = Path(path)
         self.timeout = check_positive("timeout", timeout)
-        if not create and not self.path.is_file():
+        self.read_only = bool(read_only)
+        if (self.read_only or not create) and not self.path.is_file():
             raise FileNotFoundError(error_message(
                 "path", "an existing ledger file", str(self.path),
                 f"Create it with `monai-dp ledger init --ledger {self.path} --dataset-id ID --epsilon E --delta D`."))
         if not self.path.parent.is_dir():
             raise FileNotFoundError(error_message("path", "a file in an existing folder", str(self.path),
                                                   "Create the folder first; the ledger does not create folders."))
+        if not self.path.exists():
+            ledger_file.create_file(self.path, self.timeout, lambda con: self._populate_new(con))
+        ledger_file.check_not_emptied(self.path)
+        problem = None if self.read_only else ledger_file.writable_problem(self.path)
+        if problem:
+            raise PermissionError(error_message(
+                "path", "a writable ledger to record runs in", str(self.path),
+                f"{problem[0].upper()}{problem[1:]}; make it writable, or open it with read_only=True (as "
+                "`monai-dp ledger show` does) to read it."))
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._inherited: list[sqlite3.Connection] = []
-        self._setup()
+        self._verified_version: int | None = None
+        with self._read():
+            pass  # verified on opening
 
-    # -- connection and transactions -------------------------------------------------------------------------
+    @staticmethod
+    def _populate_new(con: sqlite3.Connection) -> None:
+        create_schema(con)
+        start_chain(con, now())
+
+    # -- connection, transactions and verification ---------------------------------------------------------------
     @property
     def _con(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             if self._conn is not None:  # inherited through fork: never use it, never close it (it is the parent's)
                 self._inherited.append(self._conn)
-            self._conn, self._pid = self._connect(), os.getpid()
+            self._conn, self._pid = ledger_file.connect(self.path, self.timeout, self.read_only), os.getpid()
+            self._verified_version = None
         return self._conn
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        con.row_factory = sqlite3.Row
-        try:
-            con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            con.execute("PRAGMA synchronous = FULL")
-            con.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as err:
-            con.close()
-            raise ValueError(error_message("path", "a privacy ledger (SQLite) file", str(self.path))) from err
-        if mode.lower() != "wal":
-            logger.warning("Privacy ledger %s: WAL journal unavailable (got %r); using it with a rollback journal.",
-                           self.path, mode)
-        return con
-
-    def _setup(self) -> None:
-        with self._write() as con:
-            for statement in _SCHEMA:
-                con.execute(statement)
-            con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            version = int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(error_message("ledger schema_version", f"at most {SCHEMA_VERSION}", version,
+    def _ensure_verified(self, con: sqlite3.Connection, force: bool = False) -> ChainState | None:
+        """Verify the ledger unless nothing but this connection changed it since it was last verified."""
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # start the read snapshot first
+        version = con.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._verified_version and not force:
+            return None
+        found = schema_version(con)
+        if found is None and con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            raise LedgerIntegrityError(
+                f"Privacy ledger {str(self.path)!r} holds no ledger (no tables): an emptied ledger, a ledger whose "
+                "-wal file was lost before its first checkpoint, or another SQLite file. Nothing is trained on it; "
+                "restore it from a backup (`monai-dp ledger backup`).")
+        if found is not None and found < SCHEMA_VERSION:
+            raise RuntimeError(error_message(
+                "ledger schema_version", f"{SCHEMA_VERSION} (runs chained by hashes)", found,
+                f"{self.path} was written by an older monai_dp; migrate it with `monai-dp ledger migrate --ledger "
+                f"{self.path} --output NEW.db` and use NEW.db (the old file is left as it is)."))
+        if found is not None and found > SCHEMA_VERSION:
+            raise RuntimeError(error_message("ledger schema_version", f"at most {SCHEMA_VERSION}", found,
                                              f"{self.path} was written by a newer monai_dp; upgrade monai_dp."))
+        state = verify(con, self.path)
+        self._verified_version = version
+        return state
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read snapshot, verified; inside a transaction already open, that transaction."""
+        con = self._con
+        if con.in_transaction:
+            yield con
+            return
+        con.execute("BEGIN")
+        try:
+            self._ensure_verified(con)
+            yield con
+        finally:
+            con.execute("COMMIT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time across processes; rolled back on error."""
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, verified: one writer at a time across processes; rolled back on error."""
+        if self.read_only:
+            raise PermissionError(error_message("ledger", "opened without read_only=True to be written",
+                                                str(self.path)))
         con = self._con
-        con.execute("BEGIN IMMEDIATE")
         try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            if "readonly" not in str(err):
+                raise
+            raise PermissionError(error_message("path", "a writable ledger to record runs in", str(self.path),
+                                                f"SQLite cannot write it ({err}).")) from err
+        try:
+            self._ensure_verified(con)
             yield con
         except BaseException:
             con.execute("ROLLBACK")
@@ -247,6 +228,36 @@ class PrivacyLedger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def verify(self, expect_head: str | None = None) -> ChainState:
+        """Check the whole ledger now (schema, hash chain, tables against the chain); its head and size.
+
+        With ``expect_head`` (a head copied earlier, e.g. from a run report), also check that the chain still holds
+        it: a ledger rewritten consistently, or rolled back to an older state, does not.
+        """
+        if expect_head is not None and not (isinstance(expect_head, str) and len(expect_head) == 64
+                                            and all(c in "0123456789abcdefABCDEF" for c in expect_head)):
+            raise ValueError(error_message("expect_head", "the 64 hex digits of a ledger head", expect_head))
+        with self._read() as con:
+            state = self._ensure_verified(con, force=True)
+            at = None if expect_head is None else find_event(con, expect_head)
+        if expect_head is not None and at is None:
+            raise LedgerIntegrityError(
+                f"Privacy ledger {str(self.path)!r} does not hold the expected head {expect_head.lower()} in its hash "
+                f"chain (its head is {state.head}, after {state.events} events): it was rewritten or rolled back "
+                "since that head was copied (a restored older copy, a lost -wal file, an edited chain).")
+        return state._replace(expected_at=at)
+
+    def head(self) -> str:
+        """The head of the ledger's hash chain: keep a copy elsewhere to check the ledger against later."""
+        with self._read() as con:
+            return con.execute("SELECT value FROM meta WHERE key = 'chain_head'").fetchone()[0]
+
+    def backup(self, output: str | os.PathLike) -> ChainState:
+        """Copy the ledger to the new file ``output`` with SQLite's online backup API (``-wal`` included); the copy
+        is verified before it is put in place. Returns the copy's state."""
+        self.verify()
+        return ledger_file.backup_file(self._con, Path(output), lambda con: verify(con, Path(output)))
 
     # -- data sets --------------------------------------------------------------------------------------------
     def init_dataset(self, dataset_id: str, epsilon: float, delta: float, unit: str = "record",
@@ -265,7 +276,8 @@ class PrivacyLedger:
             row = con.execute("SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,)).fetchone()
             if row is None:
                 con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (dataset_id, epsilon, delta, unit, _now(), _user(), description))
+                            (dataset_id, epsilon, delta, unit, now(), _user(), description))
+                append_event(con, "dataset", dict(self._dataset(con, dataset_id)))
                 return True
         if (row["epsilon"], row["delta"], row["unit"]) != (epsilon, delta, unit):
             raise ValueError(error_message(
@@ -285,22 +297,26 @@ class PrivacyLedger:
 
     def budget(self, dataset_id: str) -> tuple[float, float]:
         """The total budget ``(epsilon, delta)`` of ``dataset_id``."""
-        ds = self._dataset(self._con, dataset_id)
+        with self._read() as con:
+            ds = self._dataset(con, dataset_id)
         return ds["epsilon"], ds["delta"]
 
     def dataset_unit(self, dataset_id: str) -> str:
         """The unit (``'record'`` or ``'patient'``) the budget of ``dataset_id`` protects."""
-        return self._dataset(self._con, dataset_id)["unit"]
+        with self._read() as con:
+            return self._dataset(con, dataset_id)["unit"]
 
     def dataset_ids(self) -> list[str]:
-        return [r[0] for r in self._con.execute("SELECT dataset_id FROM datasets ORDER BY created_at, dataset_id")]
+        with self._read() as con:
+            return [r[0] for r in con.execute("SELECT dataset_id FROM datasets ORDER BY created_at, dataset_id")]
 
     def _runs(self, con: sqlite3.Connection, dataset_id: str) -> list[sqlite3.Row]:
         return con.execute("SELECT * FROM runs WHERE dataset_id = ? ORDER BY run_id", (dataset_id,)).fetchall()
 
     def run(self, run_id: int) -> dict:
         """The ledger row of run ``run_id`` as a dict."""
-        row = self._con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        with self._read() as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise ValueError(error_message("run_id", f"a run recorded in the ledger {str(self.path)!r}", run_id))
         return dict(row)
@@ -308,11 +324,11 @@ class PrivacyLedger:
     # -- accounting -------------------------------------------------------------------------------------------
     def spent(self, dataset_id: str, reservations: bool = True) -> Spent:
         """ε spent on ``dataset_id`` at its budget δ; running runs count their reservation if ``reservations``."""
-        con = self._con
-        ds = self._dataset(con, dataset_id)
-        runs = self._runs(con, dataset_id)
-        eps = compose_epsilon(_mechanisms(runs, reservations), ds["delta"])
-        return Spent(eps, [dict(r, charged_steps=_charged(r, reservations)) for r in runs])
+        with self._read() as con:
+            ds = self._dataset(con, dataset_id)
+            runs = self._runs(con, dataset_id)
+        eps = compose_epsilon(mechanisms(runs, reservations), ds["delta"])
+        return Spent(eps, [dict(r, charged_steps=charged(r, reservations)) for r in runs])
 
     def _request(self, ds: sqlite3.Row, noise_multiplier: Any, sample_rate: Any, planned_steps: Any, unit: Any,
                  group_size: Any) -> _Request:
@@ -345,15 +361,16 @@ class PrivacyLedger:
         """The largest step count ≤ planned whose canonical composition with ``spent`` stays within the budget."""
         eps, delta = ds["epsilon"], ds["delta"]
         spent_eps = compose_epsilon(spent, delta)
-        n, after = req.planned_steps, _epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate,
-                                                                  req.planned_steps, req.group_size)], delta)
+        n, after = req.planned_steps, composed_epsilon(
+            [*spent, Mechanism(req.noise_multiplier, req.sample_rate, req.planned_steps, req.group_size)], delta)
         if after > eps:
             n = max_steps_within_budget(spent, req.noise_multiplier, req.sample_rate, req.group_size, eps, delta,
                                         req.planned_steps)
             after = spent_eps
             # the ledger composes same-mechanism runs as one term; make sure that (its reported total) fits too
             while n > 0:
-                after = _epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate, n, req.group_size)], delta)
+                after = composed_epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate, n, req.group_size)],
+                                         delta)
                 if after <= eps:
                     break
                 n -= 1
@@ -363,54 +380,65 @@ class PrivacyLedger:
     def check_run(self, dataset_id: str, noise_multiplier: float, sample_rate: float, planned_steps: int,
                   unit: str = "record", group_size: int | None = None) -> RunPlan:
         """A dry run of :meth:`begin_run`: what would fit now (reserves nothing); raises if not a single step."""
-        self.recover(dataset_id)
-        ds = self._dataset(self._con, dataset_id)
-        req = self._request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
-        runs = self._runs(self._con, ds["dataset_id"])
-        plan = self._plan(ds, req, _mechanisms(runs))
+        if not self.read_only:
+            self.recover(dataset_id)
+        with self._read() as con:
+            ds = self._dataset(con, dataset_id)
+            req = self._request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
+            runs = self._runs(con, ds["dataset_id"])
+        plan = self._plan(ds, req, mechanisms(runs))
         if plan.allowed_steps == 0:
             raise PrivacyBudgetExhaustedError(self._exhausted_message(ds, runs, plan.spent_epsilon, req))
         return plan
 
     def begin_run(self, dataset_id: str, noise_multiplier: float, sample_rate: float, max_grad_norm: float,
                   planned_steps: int, unit: str = "record", group_size: int | None = None, note: str = "",
-                  resumes: int | None = None) -> LedgerRun:
+                  resumes: int | None = None, sampling: str = "poisson", noise_seeded: bool = False) -> LedgerRun:
         """Reserve up to ``planned_steps`` steps of (σ, q) on ``dataset_id`` before the first step.
 
         Refused with :class:`PrivacyBudgetExhaustedError` if not a single step fits; shortened (WARNING) if only
         some do. ``group_size`` is needed, and only allowed, for a record-level run on a patient-level budget:
         the largest number of records of one patient. The PLD queries run outside the write lock and are checked
         under it (``BEGIN IMMEDIATE``): if another run started or ended meanwhile, the plan is made again.
+        ``sampling`` (the trainer's ``privacy.sampling``) and ``noise_seeded`` (whether its noise came from a fixed
+        seed, reproducible by whoever knows it) are recorded with the run and shown in its account.
         """
         clip = check_positive("max_grad_norm", max_grad_norm)
         if not isinstance(note, str):
             raise TypeError(error_message("note", "a str", type(note).__name__))
+        if not (isinstance(sampling, str) and sampling and sampling.isprintable()):
+            raise TypeError(error_message("sampling", "a non-empty str (e.g. 'poisson')", sampling))
+        if not isinstance(noise_seeded, bool):
+            raise TypeError(error_message("noise_seeded", "a bool", type(noise_seeded).__name__))
         for attempt in range(_OPTIMISTIC_TRIES + 1):
             locked = attempt == _OPTIMISTIC_TRIES
             if not locked:
                 self.recover(dataset_id)
-                ds = self._dataset(self._con, dataset_id)
-                req = self._request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
-                spent = _mechanisms(self._runs(self._con, ds["dataset_id"]))
+                with self._read() as con:
+                    ds = self._dataset(con, dataset_id)
+                    req = self._request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
+                    spent = mechanisms(self._runs(con, ds["dataset_id"]))
                 plan = self._plan(ds, req, spent)
             with self._write() as con:
                 if locked:
                     self._recover(con, dataset_id)
                 runs = self._runs(con, ds["dataset_id"])
                 if locked:
-                    spent = _mechanisms(runs)
+                    spent = mechanisms(runs)
                     plan = self._plan(ds, req, spent)
-                elif _mechanisms(runs) != spent:
+                elif mechanisms(runs) != spent:
                     continue  # lost a race: another run started, ended or was recovered; plan again
                 if plan.allowed_steps == 0:
                     raise PrivacyBudgetExhaustedError(self._exhausted_message(ds, runs, plan.spent_epsilon, req))
                 cur = con.execute(
                     "INSERT INTO runs(dataset_id, status, unit, sample_rate, noise_multiplier, max_grad_norm, "
-                    "group_size, reserved_steps, steps_taken, started_at, user, host, pid, note, resumes) "
-                    "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+                    "group_size, reserved_steps, steps_taken, started_at, user, host, pid, note, resumes, sampling, "
+                    "noise_seeded) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (ds["dataset_id"], req.unit, req.sample_rate, req.noise_multiplier, clip, req.group_size,
-                     plan.allowed_steps, _now(), _user(), _HOST, os.getpid(), note, resumes))
+                     plan.allowed_steps, now(), _user(), _HOST, os.getpid(), note, resumes, sampling,
+                     int(noise_seeded)))
                 run_id = cur.lastrowid
+                append_event(con, "run", run_row(con, run_id))
             if plan.allowed_steps < req.planned_steps:
                 logger.warning("Privacy ledger: run %d on dataset %r is shortened to %d of the %d planned steps: "
                                "ε = %.4g of the budget %g (δ = %g) is spent or reserved; %d steps bring it to %.4g.",
@@ -419,7 +447,8 @@ class PrivacyLedger:
             return LedgerRun(self, run_id, ds["dataset_id"], plan)
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt plans under the lock
 
-    def resume_run(self, run_id: int, planned_steps: int) -> LedgerRun:
+    def resume_run(self, run_id: int, planned_steps: int, sampling: str = "poisson",
+                   noise_seeded: bool = False) -> LedgerRun:
         """A new run continuing the interrupted or failed run ``run_id`` (same mechanism), with its own reservation.
 
         The old run keeps its status and the steps it claimed; the new one records ``resumes = run_id``.
@@ -431,20 +460,21 @@ class PrivacyLedger:
         if old["status"] not in ("interrupted", "failed"):
             raise ValueError(error_message("run_id", "an interrupted or failed run", f"run {run_id} ({old['status']})",
                                            "Only a run that crashed can be resumed; start a new one with begin_run."))
-        group = old["group_size"] if old["unit"] != self._dataset(self._con, old["dataset_id"])["unit"] else None
+        group = old["group_size"] if old["unit"] != self.dataset_unit(old["dataset_id"]) else None
         return self.begin_run(old["dataset_id"], old["noise_multiplier"], old["sample_rate"], old["max_grad_norm"],
-                              planned_steps, old["unit"], group, note=f"resumes run {run_id}", resumes=run_id)
+                              planned_steps, old["unit"], group, note=f"resumes run {run_id}", resumes=run_id,
+                              sampling=sampling, noise_seeded=noise_seeded)
 
     def _exhausted_message(self, ds: sqlite3.Row, runs: list[sqlite3.Row], spent_eps: float, req: _Request) -> str:
-        charged = [r for r in runs if _charged(r, True) > 0]
+        spenders = [r for r in runs if charged(r, True) > 0]
         lines = [(f"Privacy budget of dataset {ds['dataset_id']!r} (ε = {ds['epsilon']:g}, δ = {ds['delta']:g}, "
-                 f"{ds['unit']}-level) is exhausted: spent ε = {spent_eps:.4g} (PLD composition of {len(charged)} "
+                 f"{ds['unit']}-level) is exhausted: spent ε = {spent_eps:.4g} (PLD composition of {len(spenders)} "
                  "run(s); running runs count their reservation). Not a single step of the requested run "
                  f"(noise_multiplier = {req.noise_multiplier:g}, sample_rate = {req.sample_rate:g}, "
                  f"{req.unit}-level, group_size = {req.group_size}) fits. Runs that spent it:")]
         lines += [f"  run {r['run_id']}: {r['status']}, by {r['user']}@{r['host']}, started {r['started_at']}, "
-                  f"{_charged(r, True)} steps, noise_multiplier = {r['noise_multiplier']:g}, "
-                  f"sample_rate = {r['sample_rate']:g}, group_size = {r['group_size']}" for r in charged]
+                  f"{charged(r, True)} steps, noise_multiplier = {r['noise_multiplier']:g}, "
+                  f"sample_rate = {r['sample_rate']:g}, group_size = {r['group_size']}" for r in spenders]
         if spent_eps < ds["epsilon"]:
             lines.append("A run with a larger noise_multiplier or a smaller sample_rate may still fit the rest.")
         return "\n".join(lines)
@@ -455,8 +485,9 @@ class PrivacyLedger:
 
         They then count the steps they claimed (write-ahead, so at least every step they took).
         """
-        if not self._stale(self._con, dataset_id):
-            return []  # the common case needs no write lock
+        with self._read() as con:
+            if not self._stale(con, dataset_id):
+                return []  # the common case needs no write lock
         with self._write() as con:
             return self._recover(con, dataset_id)
 
@@ -469,140 +500,50 @@ class PrivacyLedger:
     def _recover(self, con: sqlite3.Connection, dataset_id: str | None) -> list[int]:
         stale = self._stale(con, dataset_id)
         for run_id in stale:
-            con.execute("UPDATE runs SET status = 'interrupted', finished_at = ? WHERE run_id = ?", (_now(), run_id))
+            end_run(con, run_id, "interrupted")
         if stale:
             logger.warning("Privacy ledger %s: runs %s were left running by processes that are gone; marked "
                            "interrupted, counting the steps they claimed.", self.path, stale)
         return stale
 
-    def interrupt_run(self, run_id: int) -> None:
-        """Mark a ``running`` run ``interrupted`` by hand (a run on another host that died, a reused pid).
+    def interrupt_run(self, run_id: int) -> dict:
+        """Mark a ``running`` run ``interrupted`` by hand (a run on another host that died, a reused pid); its row.
 
         Safe even if it is still alive: its next :meth:`LedgerRun.claim_step` fails, so it takes no unrecorded step.
+        It counts the steps it claimed. ``monai-dp ledger release RUN`` calls this.
         """
         with self._write() as con:
-            if con.execute("UPDATE runs SET status = 'interrupted', finished_at = ? WHERE run_id = ? AND "
-                           "status = 'running'", (_now(), run_id)).rowcount != 1:
+            if not end_run(con, run_id, "interrupted"):
                 raise ValueError(error_message("run_id", "a running run", run_id))
+            return run_row(con, run_id)
 
     # -- reports ----------------------------------------------------------------------------------------------
     def summary(self, dataset_id: str | None = None) -> list[dict]:
         """One dict per data set: budget, ε spent (steps taken), ε committed (with reservations), its runs."""
-        ids = self.dataset_ids() if dataset_id is None else [dataset_id]
+        with self._read() as con:
+            ids = self.dataset_ids() if dataset_id is None else [dataset_id]
+            rows = [(dict(self._dataset(con, did)), self._runs(con, did)) for did in ids]
         out = []
-        for did in ids:
-            ds = dict(self._dataset(self._con, did))
-            runs = self._runs(self._con, did)
+        for (ds, runs), did in zip(rows, ids):
             out.append({"dataset_id": did, "budget_epsilon": ds["epsilon"], "budget_delta": ds["delta"],
                         "unit": ds["unit"], "description": ds["description"], "created_at": ds["created_at"],
                         "created_by": ds["created_by"],
-                        "spent_epsilon": compose_epsilon(_mechanisms(runs, False), ds["delta"]),
-                        "committed_epsilon": compose_epsilon(_mechanisms(runs, True), ds["delta"]),
-                        "runs": [dict(r, charged_steps=_charged(r, True)) for r in runs]})
+                        "spent_epsilon": compose_epsilon(mechanisms(runs, False), ds["delta"]),
+                        "committed_epsilon": compose_epsilon(mechanisms(runs, True), ds["delta"]),
+                        "runs": [dict(r, charged_steps=charged(r, True)) for r in runs]})
         return out
 
     def export(self, dataset_id: str | None = None) -> dict:
         """A JSON-able account: the ledger, when, how ε is composed, and :meth:`summary` of the data sets."""
-        return {"ledger": str(self.path), "schema_version": SCHEMA_VERSION, "exported_at": _now(),
+        with self._read():
+            state, datasets = self.verify(), self.summary(dataset_id)
+        return {"ledger": str(self.path), "schema_version": SCHEMA_VERSION, "exported_at": now(),
+                "head": state.head, "events": state.events,
                 "accounting": "PLD composition (dp-accounting) of all runs at the budget delta; running runs count "
-                              "their reserved steps", "datasets": self.summary(dataset_id)}
+                              "their reserved steps", "datasets": datasets}
 
     def format_account(self, dataset_id: str | None = None, markdown: bool = False) -> str:
-        """A human-readable account (plain text, or markdown with ``markdown=True``)."""
-        return _format_account(str(self.path), self.summary(dataset_id), markdown)
-
-
-def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-                *("| " + " | ".join(r) + " |" for r in rows)]
-    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
-    return ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
-
-
-def _format_account(path: str, datasets: list[dict], markdown: bool) -> str:
-    lines = [f"# Privacy ledger `{path}`" if markdown else f"Privacy ledger {path}"]
-    if not datasets:
-        lines.append("No data set registered.")
-    headers = ["run", "status", "user@host", "started", "finished", "steps", "reserved", "noise_multiplier",
-               "sample_rate", "max_grad_norm", "unit", "group_size", "note"]
-    for d in datasets:
-        title = (f"Dataset {d['dataset_id']} ({d['unit']}-level): budget ε = {d['budget_epsilon']:g}, "
-                 f"δ = {d['budget_delta']:g}")
-        running = sum(r["status"] == "running" for r in d["runs"])
-        spent = (f"Spent: ε = {d['spent_epsilon']:.4g} of {d['budget_epsilon']:g}, PLD composition of "
-                 f"{len(d['runs'])} run(s) at δ = {d['budget_delta']:g} (not a sum of ε's)")
-        if running:
-            spent += f"; with the reservations of {running} running run(s): ε = {d['committed_epsilon']:.4g}"
-        lines += ["", f"## {title}" if markdown else title, "",
-                  f"Registered {d['created_at']} by {d['created_by']}. {d['description']}".rstrip(), spent, ""]
-        rows = [[str(r["run_id"]), r["status"], f"{r['user']}@{r['host']}", r["started_at"], r["finished_at"] or "",
-                 str(r["steps_taken"]), str(r["reserved_steps"]), f"{r['noise_multiplier']:g}",
-                 f"{r['sample_rate']:g}", f"{r['max_grad_norm']:g}", r["unit"], str(r["group_size"]), r["note"]]
-                for r in d["runs"]]
-        lines += _table(headers, rows, markdown) if rows else ["No runs yet."]
-    return "\n".join(lines) + "\n"
-
-
-class LedgerRun:
-    """A run reserved by :meth:`PrivacyLedger.begin_run`: claim every step before taking it, then :meth:`finish`.
-
-    As a context manager it finishes the run on exit: ``finished``, ``stopped`` on a
-    :class:`PrivacyBudgetExhaustedError`, ``failed`` on any other exception.
-    """
-
-    def __init__(self, ledger: PrivacyLedger, run_id: int, dataset_id: str, plan: RunPlan):
-        self.ledger, self.run_id, self.dataset_id, self.plan = ledger, run_id, dataset_id, plan
-        self.allowed_steps = plan.allowed_steps
-        self.spent_before = plan.spent_epsilon
-        self.steps_taken = 0
-        self.status = "running"
-
-    @property
-    def remaining_steps(self) -> int:
-        return self.allowed_steps - self.steps_taken
-
-    def claim_step(self) -> int:
-        """Record one more step (committed before the caller takes it) and return the steps claimed so far.
-
-        Raises :class:`PrivacyBudgetExhaustedError` when the reservation is used up, ``RuntimeError`` when the run
-        is no longer running.
-        """
-        con = self.ledger._con
-        cur = con.execute("UPDATE runs SET steps_taken = steps_taken + 1 WHERE run_id = ? AND status = 'running' "
-                          "AND steps_taken < reserved_steps", (self.run_id,))
-        if cur.rowcount != 1:
-            row = self.ledger.run(self.run_id)
-            if row["status"] != "running":
-                raise RuntimeError(error_message("run status", "'running' to claim a step", row["status"],
-                                                 f"Run {self.run_id} has ended; begin or resume a run."))
-            raise PrivacyBudgetExhaustedError(
-                f"Run {self.run_id} on dataset {self.dataset_id!r} has taken all {row['reserved_steps']} steps its "
-                f"ledger reservation allows (budget ε = {self.plan.budget_epsilon:g}, "
-                f"δ = {self.plan.budget_delta:g}); step {row['reserved_steps'] + 1} would exceed the budget.")
-        self.steps_taken += 1
-        return self.steps_taken
-
-    def finish(self, status: str = "finished") -> None:
-        """End the run (``finished``, ``stopped`` or ``failed``): it now counts the steps it claimed."""
-        status = check_choice("status", status, FINAL_STATUSES)
-        with self.ledger._write() as con:
-            if con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ? AND status = 'running'",
-                           (status, _now(), self.run_id)).rowcount != 1:
-                now = con.execute("SELECT status FROM runs WHERE run_id = ?", (self.run_id,)).fetchone()[0]
-                raise RuntimeError(error_message("run status", "'running' to finish it", now,
-                                                 f"Run {self.run_id} has already ended."))
-        self.status = status
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.status == "running":
-            status = ("finished" if exc is None else
-                      "stopped" if isinstance(exc, PrivacyBudgetExhaustedError) else "failed")
-            self.finish(status)
-
-    def __repr__(self) -> str:
-        return (f"LedgerRun(run_id={self.run_id}, dataset_id={self.dataset_id!r}, steps_taken={self.steps_taken}, "
-                f"allowed_steps={self.allowed_steps}, status={self.status!r})")
+        """A human-readable account (plain text, or markdown with ``markdown=True``), with the chain's head."""
+        with self._read():
+            state, datasets = self.verify(), self.summary(dataset_id)
+        return format_account(str(self.path), state.head, state.events, datasets, markdown)
