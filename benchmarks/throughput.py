@@ -48,7 +48,7 @@ METHODS = ("non-DP", "per-sample", "ghost", "opacus-hooks", "non-DP bf16", "ghos
 
 
 def _dp_optimizer(net, batch):
-    from monai_dp.engines.trainer import _DPOptimizer as DPOptimizer  # Opacus' DPOptimizer, as the trainer uses it
+    from monai_dp.engines.optimizer import PrivateNoiseDPOptimizer as DPOptimizer  # Opacus' DPOptimizer, as the trainer uses it
 
     return DPOptimizer(torch.optim.SGD(net.parameters(), lr=1e-4), noise_multiplier=1.0, max_grad_norm=1.0,
                        expected_batch_size=batch)

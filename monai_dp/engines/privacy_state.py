@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 from monai_dp.privacy import calibrate_noise_multiplier, create_accountant
-from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+from monai_dp.utils.errors import DPConfigurationError, PrivacyBudgetExhaustedError
+from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING
 from monai_dp.utils.validation import error_message
 
 __all__ = ["PrivacyState"]
@@ -19,6 +23,13 @@ class PrivacyState:
 
     The accountant's history is the source of truth: ``steps`` and ε are derived from it, and it is what a
     checkpoint stores, so a resumed run continues the accounting exactly.
+
+    What is accounted is what the trainer really does: :meth:`bind` gives the state a function returning the
+    (σ, q) in force (the optimizer's ``noise_multiplier``, the sampler's ``sample_rate``), read before every
+    budget check and every recorded step, so a noise schedule or a hand-set ``optimizer.noise_multiplier`` is
+    accounted at the σ actually used. The accounting never goes backwards: loading an older history into a
+    state that has recorded more steps is refused unless the weights are proven to be that checkpoint's
+    (:meth:`bind` also takes a digest of the network and optimizer, stored beside the history).
     """
 
     def __init__(self, accountant: str, noise_multiplier: float, max_grad_norm: float, sample_rate: float,
@@ -42,6 +53,12 @@ class PrivacyState:
         self._ledger_first_step = 0
         self._allowed_total: int | None = None
         self._eps_cache: tuple[int, float, float] | None = None
+        self.noise_seed: int | None = None  # an explicit seed: reproducible noise (recorded, logged)
+        self.sampling_seed: int | None = None  # an explicit seed: reproducible sampling (recorded, logged)
+        self.secure_mode = False
+        self._mechanism: Callable[[], tuple[float, float]] | None = None
+        self._digest: Callable[[], str] | None = None
+        self._rewind: tuple[str, int, int] | None = None  # (checkpoint digest, steps before, steps loaded)
 
     @classmethod
     def create(cls, settings: Any, delta: float, sample_rate: float, num_units: int, planned_steps: int,
@@ -70,11 +87,40 @@ class PrivacyState:
     def steps(self) -> int:
         return self.accountant.steps
 
+    def bind(self, mechanism: Callable[[], tuple[float, float]] | None = None,
+             digest: Callable[[], str] | None = None) -> None:
+        """Read (σ, q) from ``mechanism()`` before every check and step; ``digest()``: the weights' digest."""
+        self._mechanism, self._digest = mechanism, digest
+
+    def sync(self) -> None:
+        """Take the (σ, q) in force now; a change is accounted from the next step on (and logged)."""
+        self.check_not_rewound()
+        if self._mechanism is None:
+            return
+        sigma, q = self._mechanism()
+        if (sigma, q) == (self.noise_multiplier, self.sample_rate):
+            return
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (sigma > 0 and math.isfinite(sigma)):
+            raise DPConfigurationError(error_message(
+                "optimizer.noise_multiplier", "a finite number > 0", sigma, "σ = 0 adds no noise and gives no privacy."))
+        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
+            raise DPConfigurationError(error_message("sampler.sample_rate", "in (0, 1]", q))
+        if self._ledger_run is not None:
+            raise DPConfigurationError(error_message(
+                "optimizer.noise_multiplier", f"{self.noise_multiplier:.6g} (the σ this ledger run was charged at)",
+                sigma, "A run charged to a privacy ledger keeps one σ; start a new run for another σ."))
+        logger.info("Noise multiplier σ %.4g -> %.4g, sample rate q %.4g -> %.4g before step %d: accounted from "
+                    "this step on.", self.noise_multiplier, float(sigma), self.sample_rate, float(q), self.steps + 1)
+        self.noise_multiplier, self.sample_rate = float(sigma), float(q)
+        self._allowed_total = None
+
     def record_step(self) -> None:
-        """Account one noisy step of the sampled Gaussian mechanism."""
+        """Account one noisy step of the sampled Gaussian mechanism, at the (σ, q) in force."""
+        self.sync()
         self.accountant.step(self.noise_multiplier, self.sample_rate)
 
     def get_epsilon(self, delta: float | None = None) -> float:
+        self.check_not_rewound()
         d = self.delta if delta is None else float(delta)
         if self._eps_cache is not None and self._eps_cache[:2] == (self.steps, d):
             return self._eps_cache[2]
@@ -99,6 +145,7 @@ class PrivacyState:
 
     def allows_step(self, target_epsilon: float | None = None) -> bool:
         """Whether one more step keeps ε within the budget and the ledger's reservation (checked before the step)."""
+        self.sync()
         allowed = self.allowed_total_steps(target_epsilon)
         return (allowed is None or self.steps + 1 <= allowed) and self.ledger_allows_step()
 
@@ -147,8 +194,12 @@ class PrivacyState:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Plain types only, loadable with ``torch.load(weights_only=True)``."""
+        self.check_not_rewound()
         return {
             "accountant": self.accountant.state_dict(),
+            "weights_digest": None if self._digest is None else self._digest(),
+            "noise_seed": self.noise_seed,
+            "sampling_seed": self.sampling_seed,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
@@ -160,17 +211,62 @@ class PrivacyState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the accounting history. The history of any accountant type is accepted (it is mechanism-level)."""
+        """Restore the accounting history. The history of any accountant type is accepted (it is mechanism-level).
+
+        Loading fewer steps than this state has recorded (the weights carry those updates) is allowed only when
+        the network and optimizer are loaded from the same checkpoint: its ``weights_digest`` must match the
+        weights before the next step, ε query or save (any load order works); else those raise.
+        """
         if not isinstance(state, dict) or "accountant" not in state:
             raise ValueError(error_message("privacy state", "a dict with an 'accountant' entry", type(state).__name__))
-        acc = dict(state["accountant"])
-        acc["accountant"] = self.accountant.name
-        self.accountant.load_state_dict(acc)
         if state.get("unit", self.unit) != self.unit:
             raise ValueError(error_message("privacy state['unit']", f"{self.unit!r} like this trainer", state["unit"],
                                            "A checkpoint's accounting cannot be resumed at another privacy unit."))
+        acc = dict(state["accountant"])
+        acc["accountant"] = self.accountant.name
+        probe = create_accountant(self.accountant.name)
+        probe.load_state_dict(acc)  # validates before anything changes
+        before = max(self.steps, self._rewind[1] if self._rewind else 0)
+        if probe.steps < before:
+            digest = state.get("weights_digest")
+            if not isinstance(digest, str) or self._digest is None:
+                raise DPConfigurationError(error_message(
+                    "privacy state", f"at least the {before} steps this trainer has taken", f"{probe.steps} steps",
+                    "Accounting never goes backwards: the weights carry every update. Load an older checkpoint "
+                    "into a new trainer, with its network and optimizer."))
+            self._rewind = (digest, before, probe.steps)
+        else:
+            self._rewind = None
+        self.accountant.load_state_dict(acc)
+        for key in ("noise_seed", "sampling_seed"):
+            if state.get(key) is not None and getattr(self, key) is None:
+                setattr(self, key, int(state[key]))
+                logger.warning("Resumed accounting includes steps with a fixed %s=%d: %s.", key, state[key],
+                               REPRODUCIBLE_NOISE_WARNING)
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether noise or sampling came from a given seed (then not private against whoever knows it)."""
+        return self.noise_seed is not None or self.sampling_seed is not None
         if state.get("sampling", "poisson") != "poisson" and self.sampling == "poisson":
             self.sampling = str(state["sampling"])
             logger.warning("Resumed accounting includes steps taken without Poisson sampling.")
         self._allowed_total = None
         self._eps_cache = None
+        if self._rewind is not None:
+            self.check_not_rewound(strict=False)
+
+    def check_not_rewound(self, strict: bool = True) -> None:
+        """Raise if an older history was loaded while the weights are not that checkpoint's (see load)."""
+        if self._rewind is None:
+            return
+        digest, before, loaded = self._rewind
+        if self._digest is not None and self._digest() == digest:
+            self._rewind = None
+            return
+        if strict:
+            raise DPConfigurationError(error_message(
+                "load_state_dict", "given the network and optimizer of the same checkpoint as the accounting",
+                f"an accounting of {loaded} steps on weights that carry {before}",
+                "Accounting never goes backwards: load network, optimizer and trainer from one checkpoint "
+                "(CheckpointLoader with all three), or resume into a new trainer."))

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import (
     IterationEvents,
@@ -16,7 +17,7 @@ from monai.engines.utils import (
 )
 from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from monai_dp.data import (
@@ -33,6 +34,8 @@ from monai_dp.data.patients import (
 )
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
+from monai_dp.engines.digest import weights_digest
+from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
 from monai_dp.engines.privacy_state import PrivacyState
 from monai_dp.losses import check_per_sample_loss
 from monai_dp.networks import (
@@ -44,8 +47,10 @@ from monai_dp.networks import (
 from monai_dp.utils.errors import (
     DPConfigurationError,
     DPIncompatibleModuleError,
+    NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
+from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING, os_seed, private_generator
 from monai_dp.utils.validation import check_choice, check_positive_int, error_message
 
 __all__ = ["DPSupervisedTrainer"]
@@ -54,42 +59,6 @@ logger = logging.getLogger(__name__)
 
 PRIVACY_UNITS = ("record", "patient")
 GRAD_SAMPLE_MODES = ("auto", "ghost", "per_sample")
-
-
-class _ScaleOnce:
-    """Two of Opacus' ``DPOptimizer`` steps made linear in the number of parameter tensors, same results.
-
-    ``scale_grad`` read ``accumulated_iterations`` (a loop over all parameters) once per parameter: quadratic
-    (0.1-0.3 s per step for DenseNet121's 364 tensors); here it is read once. ``clip_and_accumulate`` with no
-    per-item gradients (ghost clipping put the clipped sum in ``summed_grad``; or an empty Poisson batch) built
-    and added a zero tensor per parameter; here it only does the bookkeeping Opacus checks (processed flags).
-    """
-
-    def clip_and_accumulate(self) -> None:
-        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
-        if not all(isinstance(p.grad_sample, torch.Tensor) and p.grad_sample.shape[0] == 0 for p in self.params):
-            return super().clip_and_accumulate()
-        for p in self.params:  # every item's gradient is zero: the clipped sum is what is already there
-            _check_processed_flag(p.grad_sample)
-            if p.summed_grad is None:
-                p.summed_grad = torch.zeros_like(p)
-            _mark_as_processed(p.grad_sample)
-        return None
-
-    def scale_grad(self) -> None:
-        if self.loss_reduction == "mean":
-            scale = self.expected_batch_size * self.accumulated_iterations
-            for p in self.params:
-                p.grad /= scale
-
-
-class _DPOptimizer(_ScaleOnce, DPOptimizer):
-    pass
-
-
-class _DistributedDPOptimizer(_ScaleOnce, DistributedDPOptimizer):
-    pass
 
 
 class DPSupervisedTrainer(SupervisedTrainer):
@@ -212,15 +181,19 @@ class DPSupervisedTrainer(SupervisedTrainer):
                                            logical, "Lower the batch size."))
         sample_rate = logical / num_items
         rank, world = _dist_rank_world()
-        if world > 1:
-            if not poisson_sampling:
-                raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
-                                                         poisson_sampling))
-            loader, sampling = make_distributed_poisson_loader(train_data_loader, sample_rate, rank, world,
-                                                               sampling_seed, dataset=units), "poisson"
-        else:
-            loader, sampling = self._make_loader(train_data_loader, sample_rate, poisson_sampling,
-                                                 allow_non_poisson_sampling, sampling_seed, units)
+        if secure_mode and (noise_seed is not None or sampling_seed is not None):
+            raise DPConfigurationError(error_message(
+                "noise_seed" if noise_seed is not None else "sampling_seed", "None with secure_mode=True",
+                noise_seed if noise_seed is not None else sampling_seed,
+                "secure_mode draws the noise and the sampling from the operating system's entropy only."))
+        self._secure_mode = bool(secure_mode)
+        self._sampling_generator = None if world > 1 else private_generator("cpu", sampling_seed)
+        self._loader_spec = {"poisson": poisson_sampling, "allow": allow_non_poisson_sampling,
+                             "sampling_seed": sampling_seed, "rank": rank, "world": world, "unit": unit,
+                             "patient_key": patient_key, "patient_ids": patient_ids,
+                             "max_records": max_records_per_patient, "accumulation_steps": accumulation_steps}
+        loader, sampling = self._build_dp_loader(train_data_loader, sample_rate, units)
+        self._dp_loader = loader
         steps_per_epoch = epoch_length if epoch_length is not None else len(loader)
         delta = resolve_delta(settings.target_delta, num_items, unit)
 
@@ -229,21 +202,28 @@ class DPSupervisedTrainer(SupervisedTrainer):
             planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling, unit=unit,
         )
         self.privacy.patients = patients
-        self.privacy.dataset_id = dataset_id if dataset_id is not None else _fingerprint(train_data_loader, patient_key)
+        self._records_fingerprint = _fingerprint(train_data_loader, patient_key)
+        self.privacy.dataset_id = dataset_id if dataset_id is not None else self._records_fingerprint
+        self.privacy.noise_seed = None if noise_seed is None else int(noise_seed)
+        self.privacy.sampling_seed = None if sampling_seed is None else int(sampling_seed)
+        self.privacy.secure_mode = self._secure_mode
+        if noise_seed is not None or sampling_seed is not None:
+            logger.warning("noise_seed=%s, sampling_seed=%s: %s (for tests only; recorded in the checkpoint, "
+                           "report and ledger).", noise_seed, sampling_seed, REPRODUCIBLE_NOISE_WARNING)
         self.physical_batch_size = physical
         self.dp_network_params = self._trainable_in_optimizer(network, optimizer)
-        generator = None
-        if noise_seed is not None:
-            generator = torch.Generator(device=torch.device(device)).manual_seed(int(noise_seed))
-        opt_cls = _DistributedDPOptimizer if world > 1 else _DPOptimizer
+        opt_cls = PrivateNoiseDistributedDPOptimizer if world > 1 else PrivateNoiseDPOptimizer
         if world > 1:
             _broadcast_parameters(network)
         # per process: each rank divides by its expected share; the all-reduce then averages over ranks
         dp_optimizer = opt_cls(
             optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer,
             noise_multiplier=self.privacy.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=logical / world, loss_reduction="mean", generator=generator, secure_mode=secure_mode,
+            expected_batch_size=logical / world, loss_reduction="mean",
+            generator=private_generator(device, noise_seed), secure_mode=secure_mode,
         )
+        self.privacy.bind(mechanism=lambda: (self.optimizer.noise_multiplier, self._loader_sample_rate()),
+                          digest=lambda: weights_digest(self.network, self.optimizer))
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
         self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
         self.ghost = _ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
@@ -275,7 +255,15 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.grad_sampler.inferer = self.inferer
         if self.ghost is not None:
             self.ghost.inferer = self.inferer
+        if self._secure_mode:
+            self.add_event_handler(Events.EPOCH_STARTED, self._reseed_sampler)
         self.logger.info(self.privacy.describe())
+
+    def _reseed_sampler(self, _engine: Any = None) -> None:
+        """secure_mode: every epoch's sampling from a generator freshly seeded by the operating system."""
+        generator = getattr(getattr(self._dp_loader, "batch_sampler", None), "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(os_seed())
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -310,22 +298,78 @@ class DPSupervisedTrainer(SupervisedTrainer):
             raise DPIncompatibleModuleError(offenders)
         return network
 
-    @staticmethod
-    def _make_loader(loader, sample_rate, poisson_sampling, allow_non_poisson_sampling, sampling_seed, units=None):
-        generator = None if sampling_seed is None else torch.Generator().manual_seed(int(sampling_seed))
-        if poisson_sampling:
-            return make_poisson_loader(loader, sample_rate, generator=generator, dataset=units), "poisson"
-        if not allow_non_poisson_sampling:
+    def _build_dp_loader(self, loader: Any, sample_rate: float, units: Any) -> tuple[DataLoader, str]:
+        """The loader the trainer iterates: ``loader`` rebuilt with Poisson sampling (or refused)."""
+        spec = self._loader_spec
+        if spec["world"] > 1:
+            if not spec["poisson"]:
+                raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
+                                                         spec["poisson"]))
+            seed = spec["sampling_seed"]
+            return make_distributed_poisson_loader(loader, sample_rate, spec["rank"], spec["world"],
+                                                   os_seed() if seed is None else seed, dataset=units), "poisson"
+        if spec["poisson"]:
+            return make_poisson_loader(loader, sample_rate, generator=self._sampling_generator,
+                                       dataset=units), "poisson"
+        if not spec["allow"]:
             raise DPConfigurationError(
-                error_message("poisson_sampling", "True unless `allow_non_poisson_sampling=True`", poisson_sampling,
+                error_message("poisson_sampling", "True unless `allow_non_poisson_sampling=True`", spec["poisson"],
                               "The accountant assumes Poisson sampling; other sampling voids its guarantee.")
             )
         logger.warning("poisson_sampling=False: the accountant assumes Poisson sampling at rate %.4g, which this "
                        "loader does not do; the reported ε is not a proven guarantee.", sample_rate)
         if units is not None:
             raise DPConfigurationError(error_message("poisson_sampling", "True with privacy_unit='patient'",
-                                                     poisson_sampling))
+                                                     spec["poisson"]))
         return rebuild_loader(loader, loader.batch_sampler), "loader"
+
+    def _dp_loader_for(self, data: Any) -> DataLoader:
+        """``data`` as the trainer may iterate it: its own loader, or ``data`` re-wrapped with Poisson sampling.
+
+        A loader set after construction (``set_data``, ``data_loader = ...``) must hold the same training set
+        (same number of sampled units, same record fingerprint where one can be taken): the accounting, its q
+        and the ledger charge belong to that set. It is rebuilt with Poisson sampling at the accounted q.
+        """
+        if data is getattr(self, "_dp_loader", None):
+            return data
+        if not isinstance(data, DataLoader):
+            raise TypeError(error_message("data", "a torch DataLoader over the training set", type(data).__name__,
+                                          "DP training samples the loader's dataset itself (Poisson sampling)."))
+        spec, priv = self._loader_spec, self.privacy
+        units, _ = _sampling_units(data, spec["unit"], spec["patient_key"], spec["patient_ids"], spec["max_records"])
+        n = dataset_length(data) if units is None else len(units)
+        fingerprint = _fingerprint(data, spec["patient_key"])
+        if n != priv.num_units or (fingerprint and self._records_fingerprint and fingerprint != self._records_fingerprint):
+            raise DPConfigurationError(error_message(
+                "data", f"a loader over this trainer's training set ({priv.num_units} {priv.unit}s"
+                f"{', fingerprint ' + self._records_fingerprint if self._records_fingerprint else ''})",
+                f"{n} {priv.unit}s" + (f", fingerprint {fingerprint}" if fingerprint else ""),
+                "The accounting belongs to one training set; train on another set with a new trainer."))
+        loader, sampling = self._build_dp_loader(data, priv.sample_rate, units)
+        if sampling != priv.sampling:  # pragma: no cover - the spec is the one used at construction
+            raise RuntimeError("the rebuilt loader's sampling differs from the accounted one")
+        logger.info("A new training loader was set: rebuilt with %s sampling at q = %.4g (as accounted).",
+                    sampling, priv.sample_rate)
+        return loader
+
+    @property
+    def data_loader(self) -> Any:
+        return self._dp_loader
+
+    @data_loader.setter
+    def data_loader(self, data: Any) -> None:
+        self._dp_loader = self._dp_loader_for(data)
+
+    def set_data(self, data: Any) -> None:
+        """Ignite's ``set_data``, with ``data`` rebuilt with Poisson sampling over the same training set."""
+        self.data_loader = data
+        super().set_data(self._dp_loader)
+
+    def _loader_sample_rate(self) -> float:
+        """q of the loader being iterated (its Poisson sampler's rate; the planned q for a non-Poisson loader)."""
+        sampler = getattr(self._dp_loader, "batch_sampler", None)
+        rate = getattr(sampler, "sample_rate", None)
+        return self.privacy.sample_rate if rate is None else rate
 
     @staticmethod
     def _trainable_in_optimizer(network: torch.nn.Module, optimizer: Any) -> list[tuple[str, torch.nn.Parameter]]:
@@ -380,16 +424,57 @@ class DPSupervisedTrainer(SupervisedTrainer):
                 error_message("state_dict", "a DP trainer checkpoint with a 'privacy' entry", sorted(sd),
                               "Resuming without the accounting state would reset ε; save the DPSupervisedTrainer.")
             )
-        super().load_state_dict(sd)
         if priv is not None:
+            history = priv.get("accountant", {}).get("history", []) if isinstance(priv, dict) else []
+            try:
+                steps = sum(int(entry[2]) for entry in history)
+            except (TypeError, ValueError, IndexError):
+                steps = -1  # the accountant's own check below names the bad entry
+            iteration = int(sd.get("iteration", 0) or 0)
+            if 0 <= steps < iteration:
+                raise ValueError(error_message(
+                    "state_dict['privacy']", f"an accounting of at least state_dict['iteration'] = {iteration} steps",
+                    f"{steps} steps", "Every iteration of a DP trainer is an accounted step; this checkpoint's "
+                    "accounting does not belong to its weights. Resume from a checkpoint saved by the trainer."))
             self.privacy.load_state_dict(priv)
+        super().load_state_dict(sd)
 
     # ------------------------------------------------------------------ the iteration
     def _iteration(self, engine: DPSupervisedTrainer, batchdata: Any) -> dict:
+        """One logical DP step. Every iteration that gets past the checks below is accounted as a step, also when
+        it fails (the sampling happened; a failure can reveal something): the accounting is never below the
+        number of iterations (checked when a checkpoint is loaded)."""
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if engine.state.dataloader not in (engine._dp_loader, None):  # None: a direct call, outside run()
+            engine.state.iteration -= 1  # this iteration does not happen
+            raise DPConfigurationError(error_message(
+                "engine.state.dataloader", "the trainer's own Poisson-sampled loader",
+                type(engine.state.dataloader).__name__,
+                "Set a new loader with trainer.set_data(loader) or trainer.data_loader = loader, which rebuild it "
+                "with Poisson sampling."))
         if not engine.privacy.allows_step():
+            engine.state.iteration -= 1
             raise PrivacyBudgetExhaustedError(engine.privacy.exhausted_message())
+        steps = engine.privacy.steps
+        try:
+            return engine._dp_iteration(engine, batchdata)
+        except BaseException:
+            if engine.privacy.steps == steps:
+                engine._account_failed_step()
+            raise
+
+    def _account_failed_step(self) -> None:
+        """Account a step that failed before its update (nothing applied): the sampling already happened."""
+        self._reset_accumulators()
+        try:
+            if self.privacy.allows_step():
+                self.privacy.before_step()
+                self.privacy.record_step()
+        except Exception as err:  # never hide the original error
+            self.logger.error("Could not account the failed step: %s", err)
+
+    def _dp_iteration(self, engine: DPSupervisedTrainer, batchdata: Any) -> dict:
         engine.network.train()
         engine._reset_accumulators()
         if is_empty_batch(batchdata):
@@ -431,6 +516,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             grads, loss, pred = self.grad_sampler(
                 x[r0:r1], y[r0:r1], groups[r0:r1] - first_item, last_item - first_item, self._amp_dtype
             )
+            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1).float(), dim=1) for g in grads.values()])
+            self._check_finite(loss, torch.linalg.vector_norm(norms, dim=0), groups[r0:r1] - first_item, r0)
             for name, p in self.dp_network_params:
                 p.grad_sample = grads[name]
             losses.append(loss)
@@ -467,23 +554,36 @@ class DPSupervisedTrainer(SupervisedTrainer):
             per_sample_s = time.perf_counter() - start
         except torch.cuda.OutOfMemoryError:
             per_sample_s, grads = float("inf"), None
-        if grads is not None and self._amp_dtype is None:  # bf16 kernels differ by more than a tolerance
-            names = [n for n, _ in self.dp_network_params]
-            norms = torch.cat([grads[n].flatten(1) for n in names], 1).norm(dim=1)
-            w = (clip / (norms + 1e-6)).clamp(max=1.0)
-            for n in names:
-                ref = torch.einsum("i,i...->...", w, grads[n])
-                tol = 1e-3
-                if not torch.allclose(ghost_sum[n].to(ref.dtype), ref, rtol=tol, atol=tol * clip):
-                    raise RuntimeError(error_message(
-                        f"clipped sum of `{n}`", "the same by ghost clipping and by per-sample gradients",
-                        f"a difference of {float((ghost_sum[n] - ref).abs().max()):.3g}",
-                        "pass grad_sample_mode='per_sample' and report this network to monai_dp."))
+        del ghost_sum, grads
+        self._cross_check_ghost(args[0], args[1], args[2], clip)
         if per_sample_s < ghost_s:
             self.ghost = None
         self._mode_chosen = True
         self.logger.info("grad_sample_mode='auto': %s (first batch: ghost clipping %.3g s, per-sample gradients %.3g s).",
                          "per-sample gradients" if self.ghost is None else "ghost clipping", ghost_s, per_sample_s)
+
+    def _cross_check_ghost(self, x, y, groups, clip, max_items: int = 4) -> None:
+        """Ghost clipping's clipped sum against per-sample gradients on up to ``max_items`` items, in float32.
+
+        Run whatever ``amp`` says (bf16 kernels differ by more than a tolerance, so the check runs without
+        autocast): a layer ghost clipping gets wrong, e.g. one that mixes rows, shows up here as a mismatch.
+        """
+        k = min(max_items, int(groups.max()) + 1)
+        rows = int((groups < k).sum())
+        args = (x[:rows], y[:rows], groups[:rows], k)
+        ghost_sum = self.ghost(*args, clip, None)[0]
+        grads = self.grad_sampler(*args, None)[0]
+        names = [n for n, _ in self.dp_network_params]
+        norms = torch.cat([grads[n].flatten(1) for n in names], 1).norm(dim=1)
+        w = (clip / (norms + 1e-6)).clamp(max=1.0)
+        for n in names:
+            ref = torch.einsum("i,i...->...", w, grads[n])
+            tol = 1e-3
+            if not torch.allclose(ghost_sum[n].to(ref.dtype), ref, rtol=tol, atol=tol * clip):
+                raise RuntimeError(error_message(
+                    f"clipped sum of `{n}`", "the same by ghost clipping and by per-sample gradients",
+                    f"a difference of {float((ghost_sum[n] - ref).abs().max()):.3g}",
+                    "pass grad_sample_mode='per_sample' and report this network to monai_dp."))
 
     def _ghost_sums(self, x, y, groups, chunks) -> tuple[list, list]:
         """Clipped sums of each physical batch by ghost clipping, summed into ``p.summed_grad``.
@@ -494,8 +594,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
         losses, preds, total = [], [], None
         clip = self.optimizer.max_grad_norm
         for first_item, last_item, r0, r1 in chunks:
-            summed, _, loss, pred = self.ghost(x[r0:r1], y[r0:r1], groups[r0:r1] - first_item,
-                                               last_item - first_item, clip, self._amp_dtype)
+            summed, norms, loss, pred = self.ghost(x[r0:r1], y[r0:r1], groups[r0:r1] - first_item,
+                                                   last_item - first_item, clip, self._amp_dtype)
+            self._check_finite(loss, norms, groups[r0:r1] - first_item, r0)
             total = summed if total is None else {n: total[n] + g for n, g in summed.items()}
             losses.append(loss)
             preds.append(pred)
@@ -503,6 +604,43 @@ class DPSupervisedTrainer(SupervisedTrainer):
             p.summed_grad = total[name].to(p.dtype)
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         return losses, preds
+
+    def _check_finite(self, row_losses: torch.Tensor, item_norms: torch.Tensor, groups: torch.Tensor,
+                      first_row: int) -> None:
+        """Raise before the update when a row's loss or an item's gradient norm is NaN or infinite.
+
+        A non-finite gradient would turn the clipped sum (and so the model) into NaN, or be silently clipped to
+        zero; either way the record is broken and training must stop, naming it.
+        """
+        bad_rows = ~torch.isfinite(row_losses.reshape(-1))
+        bad_items = ~torch.isfinite(item_norms.reshape(-1))
+        if not (bool(bad_rows.any()) or bool(bad_items.any())):
+            return
+        if bool(bad_rows.any()):
+            row, what = int(bad_rows.nonzero()[0]), "loss"
+        else:
+            row, what = int((groups == int(bad_items.nonzero()[0])).nonzero()[0]), "gradient"
+        row += first_row
+        raise NonFiniteGradientError(
+            f"The {what} of {self._record_name(row)} is not finite (NaN or inf) at epoch {self.state.epoch}, "
+            f"iteration {self.state.iteration}. Nothing of this step was applied; it is accounted as taken. "
+            "Check that record (non-finite or extreme pixel values, a label outside the classes) and its "
+            "transforms, e.g. add ScaleIntensityd or NormalizeIntensityd.")
+
+    def _record_name(self, row: int) -> str:
+        """The record a batch row came from: its file name where MONAI's metadata has one, else its row."""
+        batch = self.state.batch
+        names = None
+        if isinstance(batch, dict):
+            image = batch.get(Keys.IMAGE)
+            meta = getattr(image, "meta", None)
+            if not isinstance(meta, dict):
+                meta = batch.get(f"{Keys.IMAGE}_meta_dict")
+            if isinstance(meta, dict):
+                names = meta.get("filename_or_obj")
+        if isinstance(names, (list, tuple)) and 0 <= row < len(names):
+            return f"record {names[row]!r} (row {row} of the batch)"
+        return f"row {row} of the batch"
 
     def _unpack(self, batchdata: Any) -> tuple[Any, Any, torch.Tensor]:
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
@@ -532,6 +670,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             p.grad_sample = None
 
     def _noisy_step(self) -> None:
+        if not self.privacy.allows_step():  # σ or q changed during the iteration: check them again
+            raise PrivacyBudgetExhaustedError(self.privacy.exhausted_message())
         self.privacy.before_step()
         self.optimizer.signal_skip_step(do_skip=False)
         self.optimizer.step()

@@ -68,6 +68,7 @@ class PrivacyBudgetHandler:
                 "Privacy budget reached: ε = %.4f after %d steps (δ = %.3g); one more step would exceed ε = %.4g. "
                 "Stopping training.", priv.get_epsilon(), priv.steps, priv.delta, budget,
             )
+        engine.state.iteration -= 1  # Ignite counted this iteration before ITERATION_STARTED; it does not run
         engine.terminate()
 
     def state_dict(self) -> dict:

@@ -46,6 +46,8 @@ def privacy_report(engine: Any, patient_level: bool = True) -> dict:
         "unit": priv.unit,
         "sampling": priv.sampling,
         "accountant": priv.accountant.name,
+        "history": [[float(sig), float(q), int(n)] for sig, q, n in priv.accountant.history],
+        "randomness": _randomness(priv),
         "budget_exhausted": bool(getattr(engine.state, "dp_budget_exhausted", False)),
         "dataset_id": getattr(priv, "dataset_id", None),
         "patients": getattr(priv, "patients", None),
@@ -57,6 +59,17 @@ def privacy_report(engine: Any, patient_level: bool = True) -> dict:
     if patient_level and priv.unit == "record" and report["patients"] and priv.steps > 0:
         report["patient_level"] = patient_level_guarantee(priv.accountant.history, report["patients"]["max"], priv.delta)
     return report
+
+
+def _randomness(priv: Any) -> dict:
+    """Where the noise and the sampling came from; a given seed makes them replayable by whoever knows it."""
+    from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING
+
+    seeds = {"noise_seed": getattr(priv, "noise_seed", None), "sampling_seed": getattr(priv, "sampling_seed", None)}
+    reproducible = any(v is not None for v in seeds.values())
+    return {**seeds, "secure_mode": bool(getattr(priv, "secure_mode", False)),
+            "source": "given seeds" if reproducible else "operating system entropy (os.urandom)",
+            "warning": REPRODUCIBLE_NOISE_WARNING if reproducible else None}
 
 
 def patient_level_guarantee(history: list, records_per_patient: int, delta: float) -> dict:
@@ -88,7 +101,11 @@ def report_markdown(report: dict) -> str:
         "",
         "| quantity | value |",
         "|---|---|",
-        f"| noise multiplier σ | {report['noise_multiplier']:.4g} |",
+        f"| noise multiplier σ | {report['noise_multiplier']:.4g}"
+        f"{' (schedule: ' + ', '.join(f'{h[0]:.4g} x {h[2]}' for h in report['history']) + ' steps)' if len(report.get('history') or []) > 1 else ''} |",
+        f"| noise and sampling | {report['randomness']['source']}"
+        f"{'; secure mode' if report['randomness']['secure_mode'] else ''}"
+        f"{' — **' + report['randomness']['warning'] + '**' if report['randomness']['warning'] else ''} |",
         f"| clip norm C | {report['max_grad_norm']:.4g} |",
         f"| sample rate q | {report['sample_rate']:.4g} ({report['sampling']} sampling) |",
         f"| {unit}s N | {report['num_units']} |",
@@ -104,6 +121,8 @@ def report_markdown(report: dict) -> str:
     if led:
         lines.append(f"| ledger budget | ε = {led.get('budget_epsilon')} at δ = {led.get('budget_delta')} |")
         lines.append(f"| ledger spent before / after | {led.get('spent_before')} / {led.get('spent_after')} |")
+        if led.get("head"):
+            lines.append(f"| ledger head after the run | `{led['head']}` (keep a copy: `monai-dp ledger verify --expect-head`) |")
     pl = report.get("patient_level")
     if pl:
         lines += ["", f"This is a record-level guarantee. For a patient with {pl['records_per_patient']} records it "

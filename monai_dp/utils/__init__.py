@@ -2,6 +2,7 @@ from .errors import (
     DatasetError,
     DPConfigurationError,
     DPIncompatibleModuleError,
+    NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
 from .validation import (
@@ -18,6 +19,7 @@ __all__ = [
     "DPConfigurationError",
     "DPIncompatibleModuleError",
     "DatasetError",
+    "NonFiniteGradientError",
     "PrivacyBudgetExhaustedError",
     "check_choice",
     "check_non_negative",

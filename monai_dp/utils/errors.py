@@ -7,6 +7,7 @@ __all__ = [
     "DPIncompatibleModuleError",
     "DatasetError",
     "LedgerIntegrityError",
+    "NonFiniteGradientError",
     "PrivacyBudgetExhaustedError",
 ]
 
@@ -43,3 +44,7 @@ class LedgerIntegrityError(RuntimeError):
 
     The message names the ledger file and what changed (which table, row and column); nothing is trained on it.
     """
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised when an item's loss or gradient is NaN or infinite; nothing of that step was applied."""

@@ -244,7 +244,7 @@ def test_an_interrupted_step_leaves_nothing_behind():
     setattr(trainer, attr, failing_second_chunk)
     with pytest.raises(RuntimeError, match="simulated failure"):
         _run_one_iteration(trainer, batch)
-    assert trainer.dp_steps == 0
+    assert trainer.dp_steps == 1  # the sampling happened: a failed step is accounted, nothing of it applied
     setattr(trainer, attr, real)
     fresh = _trainer(TinyClassifier(), data, batch_size=4, max_physical_batch_size=2)
     _run_one_iteration(trainer, batch)
@@ -258,10 +258,10 @@ def test_trainer_dp_optimizer_equals_opacus(empty):
     """The trainer's DP optimizer (linear-time scale and empty-batch accumulate) updates exactly as Opacus'."""
     from opacus.optimizers import DPOptimizer
 
-    from monai_dp.engines.trainer import _DPOptimizer
+    from monai_dp.engines.optimizer import PrivateNoiseDPOptimizer
 
     results = []
-    for cls in (DPOptimizer, _DPOptimizer):
+    for cls in (DPOptimizer, PrivateNoiseDPOptimizer):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
         opt = cls(torch.optim.SGD(params, lr=0.5), noise_multiplier=0.7, max_grad_norm=1.0, expected_batch_size=6,

@@ -57,7 +57,9 @@ def test_state_is_plain_and_round_trips(cls, tmp_path):
     if isinstance(fresh, PrivacyAccountantHandler):
         other = make_trainer(target_delta=1e-3, target_epsilon=50.0)
         fresh.attach(other)
-        assert fresh.state_dict() == handler.state_dict()
+        # the accounting round-trips; the digest is of the weights of whichever trainer is attached
+        strip = lambda sd: {k: v for k, v in sd.items() if k != "weights_digest"}  # noqa: E731
+        assert strip(fresh.state_dict()) == strip(handler.state_dict())
 
 
 @pytest.mark.parametrize("cls", HANDLERS)

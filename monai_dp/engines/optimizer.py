@@ -1,0 +1,69 @@
+"""The DP optimizers of the trainer: Opacus' ``DPOptimizer`` with its noise from a private generator.
+
+Two changes to Opacus, same update otherwise (tested against Opacus' own):
+
+- the noise is always drawn from the trainer's own generator (seeded from the operating system, see
+  :mod:`monai_dp.utils.randomness`), never from torch's global generator, which ``set_determinism`` seeds;
+  ``secure_mode`` reseeds that generator from ``os.urandom`` before every step and sums four draws;
+- ``scale_grad`` and ``clip_and_accumulate`` are linear, not quadratic, in the number of parameter tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from monai_dp.utils.randomness import gaussian_noise, os_seed
+
+__all__ = ["PrivateNoiseDPOptimizer", "PrivateNoiseDistributedDPOptimizer"]
+
+
+class _PrivateNoiseMixin:
+    """Noise from ``self.generator`` (required), and Opacus' two per-parameter loops made linear.
+
+    ``scale_grad`` read ``accumulated_iterations`` (a loop over all parameters) once per parameter: quadratic
+    (0.1-0.3 s per step for DenseNet121's 364 tensors); here it is read once. ``clip_and_accumulate`` with no
+    per-item gradients (ghost clipping put the clipped sum in ``summed_grad``; or an empty Poisson batch) built
+    and added a zero tensor per parameter; here it only does the bookkeeping Opacus checks (processed flags).
+    """
+
+    def add_noise(self) -> None:
+        if getattr(self, "world_size", 1) > 1 and getattr(self, "rank", 0) != 0:  # only rank 0 adds the noise
+            for p in self.params:
+                p.grad = p.summed_grad.view_as(p)
+            return
+        if self.generator is None:
+            raise RuntimeError("The DP optimizer needs a generator of its own; torch's global one is seedable.")
+        if self.secure_mode:
+            self.generator.manual_seed(os_seed())
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = gaussian_noise(std, p.summed_grad, self.generator, self.secure_mode)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def clip_and_accumulate(self) -> None:
+        if not all(isinstance(p.grad_sample, torch.Tensor) and p.grad_sample.shape[0] == 0 for p in self.params):
+            return super().clip_and_accumulate()
+        for p in self.params:  # every item's gradient is zero: the clipped sum is what is already there
+            _check_processed_flag(p.grad_sample)
+            if p.summed_grad is None:
+                p.summed_grad = torch.zeros_like(p)
+            _mark_as_processed(p.grad_sample)
+        return None
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            scale = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= scale
+
+
+class PrivateNoiseDPOptimizer(_PrivateNoiseMixin, DPOptimizer):
+    pass
+
+
+class PrivateNoiseDistributedDPOptimizer(_PrivateNoiseMixin, DistributedDPOptimizer):
+    pass
