@@ -8,7 +8,13 @@ from .collate import (
     is_empty_batch,
 )
 from .datalist import load_datalist
-from .patients import PatientDataset, patient_ids_of, records_per_patient_summary
+from .patients import (
+    PatientDataset,
+    PatientIdError,
+    normalize_patient_ids,
+    patient_ids_of,
+    records_per_patient_summary,
+)
 from .png import LoadPNGd, read_png
 from .poisson import (
     DistributedPoissonBatchSampler,
@@ -30,6 +36,7 @@ __all__ = [
     "GroupedBatch",
     "LoadPNGd",
     "PatientDataset",
+    "PatientIdError",
     "check_loader_sampling",
     "dataset_length",
     "get_row_groups",
@@ -39,6 +46,7 @@ __all__ = [
     "make_distributed_poisson_loader",
     "make_poisson_loader",
     "make_synthetic_dataset",
+    "normalize_patient_ids",
     "patient_ids_of",
     "read_png",
     "records_per_patient_summary",

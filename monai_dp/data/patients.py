@@ -5,24 +5,119 @@ Poisson-samples its items, so a patient enters a step with probability q togethe
 (or a random subset of at most ``max_records_per_patient``, drawn afresh at every step). :class:`DPCollate`
 flattens a patient's records into rows of one ``dp_group``; the per-sample gradient code sums them into one
 per-patient gradient, which is clipped as a whole. The accountant counts patients.
+
+Patient ids are compared after one normalisation, :func:`normalize_patient_ids`. Two spellings of one patient
+(``3`` and ``'3.0'``, ``'p3'`` and ``'p3 '``) would otherwise be two sampling units, and that patient could move
+the noisy sum by 2C under a guarantee that assumes C; so spellings that normalise alike are refused.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from monai_dp.utils.errors import DatasetError
 from monai_dp.utils.validation import error_message
 
-__all__ = ["PatientDataset", "patient_ids_of", "records_per_patient_summary"]
+__all__ = [
+    "PatientDataset",
+    "PatientIdError",
+    "normalize_patient_ids",
+    "patient_ids_of",
+    "records_per_patient_summary",
+]
+
+_INTEGRAL = re.compile(r"[+-]?[0-9]+(\.0*)?")
+_FIX_IDS = ("Write each patient's id the same way in every record (or make the ids differ if they are different "
+            "patients).")
+
+
+class PatientIdError(DatasetError):
+    """A patient id is missing, of an unusable type, or spelled in two ways that normalise alike."""
+
+
+def _normalize_one(pid: Any, where: str) -> str:
+    """The canonical string of one patient id (see :func:`normalize_patient_ids`); ``where`` names the record."""
+    if isinstance(pid, str):
+        text = pid.strip()
+        if not text:
+            raise PatientIdError(error_message(where, "a non-empty patient id", pid))
+        return str(int(text.split(".")[0])) if _INTEGRAL.fullmatch(text) else text
+    if isinstance(pid, numbers.Integral) and not isinstance(pid, bool):
+        return str(int(pid))
+    if isinstance(pid, numbers.Real) and not isinstance(pid, bool):
+        value = float(pid)
+        if not math.isfinite(value) or not value.is_integer():
+            raise PatientIdError(error_message(where, "a string or a whole number", value,
+                                               "Check the datalist's patient column (a missing value reads as nan)."))
+        return str(int(value))
+    raise PatientIdError(error_message(where, "a patient id (a string or a whole number)",
+                                       pid if pid is None or isinstance(pid, bool) else type(pid).__name__,
+                                       "Give every record a patient id, or use privacy_unit='record'."))
+
+
+def _form(pid: Any) -> tuple[str, Any]:
+    """The spelling of a raw id: its kind and value (``3`` and ``np.int64(3)`` are one spelling)."""
+    if isinstance(pid, str):
+        return "str", str(pid)
+    if isinstance(pid, numbers.Integral):
+        return "int", int(pid)
+    return "float", float(pid)
+
+
+def _shown(pid: Any) -> str:
+    return repr(pid.item() if isinstance(pid, np.generic) else pid)
+
+
+def normalize_patient_ids(ids: Sequence[Any], name: str = "patient_ids", item_name: str | None = None) -> list[str]:
+    """One canonical string per patient id; raises :class:`PatientIdError` on missing or ambiguous ids.
+
+    The rule:
+
+    - strings are stripped of surrounding whitespace; a string that is an integer, optionally with a ``.0``
+      fraction (``'3'``, ``' 3 '``, ``'003'``, ``'3.0'``), becomes that integer's decimal digits (``'3'``);
+      any other string is kept as stripped, case included;
+    - whole numbers (``3``, ``np.int64(3)``, ``3.0``, ``np.float32(3)``) become their decimal digits (``'3'``);
+    - ``None``, empty strings, NaN, infinities, fractional numbers (``3.5``), bools and other types are refused,
+      naming the record;
+    - two *different spellings* that normalise to the same id, or to ids that differ only in case, are refused,
+      naming both: ``3`` and ``'3.0'``, ``'3'`` and ``'03'``, ``'p3'`` and ``'p3 '``, ``'P3'`` and ``'p3'``.
+      Merging them silently could join two different patients, keeping them apart could split one; only the
+      datalist knows. The same spelling on many records (``3`` and ``np.int64(3)`` included) is one patient.
+
+    Args:
+        ids: one raw id per record.
+        name: how errors name the ids (``"patient_ids"``, or the dataset's patient key).
+        item_name: how errors name record ``i``, a format string with ``{i}`` (default ``"<name>[{i}]"``).
+    """
+    item_name = f"{name}[{{i}}]" if item_name is None else item_name
+    out: list[str] = []
+    seen: dict[str, tuple[tuple[str, Any], Any, int]] = {}
+    for i, pid in enumerate(ids):
+        norm = _normalize_one(pid, item_name.format(i=i))
+        key, form = norm.casefold(), _form(pid)
+        first = seen.setdefault(key, (form, pid, i))
+        if first[0] != form:
+            raise PatientIdError(
+                f"`{name}` must spell each patient id one way, got {_shown(first[1])} (record {first[2]}) and "
+                f"{_shown(pid)} (record {i}), which both normalise to {key!r} (whitespace stripped, numeric forms "
+                f"unified, case ignored). {_FIX_IDS}"
+            )
+        out.append(norm)
+    return out
 
 
 def patient_ids_of(dataset: Any, patient_key: str = "patient_id") -> list[str]:
-    """The patient id of every record of a MONAI-style dataset (its ``data`` list of dicts), as strings."""
+    """The patient id of every record of a MONAI-style dataset (its ``data`` list of dicts), normalised by
+    :func:`normalize_patient_ids`."""
     records = getattr(dataset, "data", None)
     if records is None:
         raise ValueError(
@@ -38,16 +133,15 @@ def patient_ids_of(dataset: Any, patient_key: str = "patient_id") -> list[str]:
                               sorted(rec) if isinstance(rec, dict) else type(rec).__name__,
                               "Add a patient id to every record, set `patient_key`, or use privacy_unit='record'.")
             )
-        pid = rec[patient_key]
-        if pid is None or (isinstance(pid, str) and not pid.strip()):
-            raise ValueError(error_message(f"record {i}[{patient_key!r}]", "a non-empty patient id", pid))
-        ids.append(str(pid))
-    return ids
+        ids.append(rec[patient_key])
+    return normalize_patient_ids(ids, patient_key, f"record {{i}}[{patient_key!r}]")
 
 
-def records_per_patient_summary(patient_ids: Sequence[str]) -> dict:
-    """Number of patients and the distribution of records per patient (plain types, for reports)."""
-    counts = sorted(Counter(patient_ids).values())
+def records_per_patient_summary(patient_ids: Sequence[Any]) -> dict:
+    """Number of patients and the distribution of records per patient (plain types, for reports).
+
+    ``patient_ids`` (one per record) are normalised by :func:`normalize_patient_ids`."""
+    counts = sorted(Counter(normalize_patient_ids(patient_ids)).values())
     if not counts:
         return {"num_patients": 0, "num_records": 0}
     hist = Counter(counts)
@@ -67,7 +161,8 @@ class PatientDataset(Dataset):
 
     Args:
         dataset: the record-level dataset (transforms are applied per record, as before).
-        patient_ids: one id per record of ``dataset``.
+        patient_ids: one id per record of ``dataset``, normalised by :func:`normalize_patient_ids` (ids spelled
+            two ways for one patient are refused).
         max_records_per_patient: take at most this many of a patient's records per step, chosen uniformly at
             random each time the patient is drawn (``None``: all). The patient's gradient is still clipped as a
             whole, so the guarantee does not depend on it; it bounds the memory of patients with many records.
@@ -84,8 +179,8 @@ class PatientDataset(Dataset):
         self.dataset = dataset
         self.max_records_per_patient = max_records_per_patient
         order: dict[str, list[int]] = {}
-        for i, pid in enumerate(patient_ids):
-            order.setdefault(str(pid), []).append(i)
+        for i, pid in enumerate(normalize_patient_ids(patient_ids)):
+            order.setdefault(pid, []).append(i)
         self.patients = list(order)
         self.records = [order[p] for p in self.patients]
 
