@@ -6,6 +6,8 @@ from .conversion import (
 from .ghost import GhostClipping
 from .grad_sample import PerSampleGradients, per_sample_loss
 from .heads import FeatureClassifier
+from .row_independence import find_row_mixing_modules, register_row_independent
+from .row_probe import probe_row_independence
 from .scattering import WaveletScattering2D
 
 __all__ = [
@@ -15,6 +17,9 @@ __all__ = [
     "PerSampleGradients",
     "WaveletScattering2D",
     "find_incompatible_modules",
+    "find_row_mixing_modules",
     "make_private_compatible",
     "per_sample_loss",
+    "probe_row_independence",
+    "register_row_independent",
 ]

@@ -22,12 +22,19 @@ comes through its layer and to note which layers receive a gradient) the backwar
 
 Only layers whose gradient is fully determined by their input and output gradient are supported; any other
 module with trainable parameters is refused at construction with its path (use ``PerSampleGradients``).
+
+All of the above assumes that rows do not interact: row ``i`` of every activation depends on input row ``i``
+only. A module that mixes rows (``x - x.mean(0)``, attention across the batch) makes the per-row norms and the
+book-keeping wrong, and adding one item can move the clipped sum by many times ``C``. So every module, with or
+without parameters, must be known to keep rows independent (:mod:`monai_dp.networks.row_independence`, checked
+at construction and on every call, since ``train()``/``eval()`` matter), and a probe on the first batch checks
+it on real data (:mod:`monai_dp.networks.row_probe`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -36,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_dp.networks.grad_sample import per_sample_loss
+from monai_dp.networks.row_independence import find_row_mixing_modules
+from monai_dp.networks.row_probe import probe_row_independence
 from monai_dp.utils.errors import DPIncompatibleModuleError
 from monai_dp.utils.validation import check_choice, check_positive, error_message
 
@@ -56,8 +65,8 @@ def _layer_kind(module: nn.Module) -> str | None:
     return _KINDS.get(type(module).forward)
 
 
-def _check_network(network: nn.Module) -> dict[str, nn.Module]:
-    """Layers with trainable parameters; raise ``DPIncompatibleModuleError`` listing every unsupported one."""
+def _check_network(network: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, str, str]]]:
+    """``(layers, offenders)``: the layers with trainable parameters, and every unsupported one."""
     layers, owners, offenders = {}, {}, []
     for path, module in network.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -77,9 +86,7 @@ def _check_network(network: nn.Module) -> dict[str, nn.Module]:
             offenders.append((path, (f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not "
                               "supported."), _FIX))
         layers[path] = module
-    if offenders:
-        raise DPIncompatibleModuleError(offenders)
-    return layers
+    return layers, offenders
 
 
 def _conv_padding(module: nn.Module) -> list[tuple[int, int]]:
@@ -163,17 +170,34 @@ class GhostClipping:
         inferer: called as ``inferer(inputs, network)`` on the whole batch; ``None`` calls the network.
         norm_method: how linear/convolution weight norms are computed: ``"mixed"`` (the cheaper of ghost norm
             and materialised per-item gradient, per layer), ``"ghost"`` or ``"materialise"`` (for tests).
+        row_independent: your own module classes whose ``forward`` you have checked treats every row on its own
+            (also possible globally with ``register_row_independent``); every other module must be on the
+            allow-list of :mod:`monai_dp.networks.row_independence`, else ``DPIncompatibleModuleError``.
+        probe_rows: rows of the first batch the row-independence probe runs on (3 forward passes without
+            gradient); 0 turns the probe off (the allow-list still applies).
+
+    Raises:
+        DPIncompatibleModuleError: at construction, or on a call (mode-dependent layers such as BatchNorm in
+            train mode, an inferer set later, the probe on the first batch), listing every offending module.
     """
 
     NORM_METHODS = ("mixed", "ghost", "materialise")
 
     def __init__(self, network: nn.Module, loss_function: Callable, inferer: Callable | None = None,
-                 norm_method: str = "mixed") -> None:
+                 norm_method: str = "mixed", row_independent: Sequence[type] = (), probe_rows: int = 4) -> None:
         self.norm_method = check_choice("norm_method", norm_method, self.NORM_METHODS)
+        if not (isinstance(probe_rows, int) and (probe_rows == 0 or probe_rows >= 2)):
+            raise ValueError(error_message("probe_rows", "0 (no probe) or an integer >= 2", probe_rows))
         self.network = network
         self.loss_function = loss_function
         self.inferer = inferer
-        self.layers = _check_network(network)
+        self.row_independent = tuple(row_independent)
+        self.probe_rows = probe_rows
+        self.layers, offenders = _check_network(network)
+        offenders += find_row_mixing_modules(network, inferer, self.row_independent)
+        if offenders:
+            raise DPIncompatibleModuleError(offenders)
+        self._probed = probe_rows == 0
         self._reached: set[str] | None = None  # layers that got an output gradient in the checked first call
         self._input_only = True  # False once a layer was found whose gradient does not depend on the input
         self._vmap_loss: bool | None = None  # whether the loss runs under vmap (decided on first use)
@@ -200,6 +224,7 @@ class GhostClipping:
             trainable parameters; ``losses (R,)`` and ``preds (R, ...)`` detached.
         """
         c = check_positive("max_grad_norm", max_grad_norm)
+        self.check_row_independence(inputs)
         rows = inputs.shape[0]
         groups, num_items = self._groups(groups, num_items, rows, inputs.device)
         trainable = self.trainable()
@@ -239,6 +264,16 @@ class GhostClipping:
         weights = (c / (norms + 1e-6)).clamp(max=1.0)
         summed = self._bookkeeping(records, weights[groups], trainable, per_row_terms)
         return summed, norms.detach(), losses.detach().float(), preds.detach()
+
+    def check_row_independence(self, inputs: torch.Tensor) -> None:
+        """Raise ``DPIncompatibleModuleError`` if a module is not known to keep rows independent (every call:
+        modes and the inferer can change) or, on the first batch of at least 2 rows, the probe finds mixing."""
+        offenders = find_row_mixing_modules(self.network, self.inferer, self.row_independent)
+        if not offenders and not self._probed and inputs.shape[0] >= 2:
+            offenders = probe_row_independence(self.network, inputs, self.inferer, self.probe_rows)
+            self._probed = not offenders
+        if offenders:
+            raise DPIncompatibleModuleError(offenders)
 
     def _bookkeeping(self, records, row_weights, trainable, per_row_terms) -> dict[str, torch.Tensor]:
         """``sum_rows w(row) * grad_row`` of every parameter from the recorded inputs and output gradients.

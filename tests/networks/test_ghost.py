@@ -74,6 +74,7 @@ def _net(name):
     raise KeyError(name)
 
 
+OWN = (_MLP, _Convs)  # the test's own modules: their forward keeps rows independent (declared, then probed)
 SEG = {"UNet-2d", "UNet-3d", "BasicUNet-2d", "SegResNet-3d", "DynUNet-3d"}
 NETS = ["DenseNet121", "ResNet18", "UNet-2d", "UNet-3d", "BasicUNet-2d", "SegResNet-3d", "DynUNet-3d", "MLP", "Convs"]
 
@@ -113,7 +114,7 @@ def test_clipped_sum_equals_clipped_per_item_gradients(name, norm_method):
     ref_norms = _reference(net, loss, x, y, 1.0)[1]
     c = float(ref_norms.median())  # one item clipped, one not, one at the bound
     ref_sum, ref_norms, ref_losses = _reference(net, loss, x, y, c)
-    gc = GhostClipping(net, loss, norm_method=norm_method)
+    gc = GhostClipping(net, loss, norm_method=norm_method, row_independent=OWN)
     for call in ("first (checks coverage)", "later (backward to the input only)"):
         summed, norms, losses, preds = gc(x, y, GROUPS, 3, c)
         assert preds.shape[0] == 4 and losses.shape == (4,)
@@ -131,7 +132,7 @@ def test_clipped_sum_equals_clipped_per_item_gradients(name, norm_method):
 
 def test_one_item_per_row_and_clipping_bounds_the_sum():
     net, loss, x, y = _setup("Convs")
-    summed, norms, _, _ = GhostClipping(net, loss)(x, y, None, None, 1e-3)
+    summed, norms, _, _ = GhostClipping(net, loss, row_independent=OWN)(x, y, None, None, 1e-3)
     assert norms.shape == (4,) and bool((norms > 1e-3).all())
     total = torch.cat([t.flatten() for t in summed.values()]).norm()
     assert float(total) <= 4 * 1e-3 * (1 + 1e-9)  # each item contributes at most C
@@ -188,7 +189,8 @@ class _Functional(nn.Module):
 
 def test_parameter_used_outside_its_layer_is_refused():
     with pytest.raises(DPIncompatibleModuleError, match=r"`inner`: its parameters are used outside its forward"):
-        GhostClipping(_Functional(), nn.CrossEntropyLoss())(torch.randn(2, 2), torch.tensor([0, 1]), None, None, 1.0)
+        GhostClipping(_Functional(), nn.CrossEntropyLoss(), row_independent=(_Functional,))(
+            torch.randn(2, 2), torch.tensor([0, 1]), None, None, 1.0)
 
 
 class _InputFree(nn.Module):
@@ -208,7 +210,7 @@ def test_layer_off_the_input_path_keeps_its_gradient_on_later_calls():
     net = _InputFree().double()
     loss, x, y = nn.CrossEntropyLoss(), torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
     ref_sum, ref_norms, _ = _reference(net, loss, x, y, 0.5)
-    gc = GhostClipping(net, loss)
+    gc = GhostClipping(net, loss, row_independent=(_InputFree,))
     for _ in range(3):
         summed, norms, _, _ = gc(x, y, GROUPS, 3, 0.5)
         torch.testing.assert_close(norms, ref_norms, rtol=1e-8, atol=1e-12)
