@@ -4,9 +4,15 @@
     monai-dp ledger show --ledger PATH [--dataset-id ID]
     monai-dp ledger export --ledger PATH [--dataset-id ID] [--format json|markdown] [--output FILE]
     monai-dp ledger check --ledger PATH --dataset-id ID --noise-multiplier S --sample-rate Q --steps N
+    monai-dp ledger verify --ledger PATH [--expect-head HEX]
+    monai-dp ledger backup --ledger PATH --output FILE
+    monai-dp ledger release --ledger PATH RUN
+    monai-dp ledger migrate --ledger OLD --output NEW
     monai-dp ledger fingerprint --datalist FILE [--key training]
 
-Exit codes: 0 success, 3 the budget refuses the run (``check``), 2 any other error (message on stderr).
+``show``, ``export``, ``verify`` and ``backup`` only read the ledger (they work on a read-only file or folder).
+Exit codes: 0 success, 3 the budget refuses the run (``check``), 4 the ledger fails its integrity check, 2 any
+other error (message on stderr).
 """
 
 from __future__ import annotations
@@ -17,23 +23,25 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+from monai_dp.utils.errors import LedgerIntegrityError, PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import error_message
 
 __all__ = ["main"]
 
 EXIT_ERROR = 2
 EXIT_BUDGET = 3
+EXIT_INTEGRITY = 4
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-dp ledger", description="Persistent privacy ledger (SQLite).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_: str, dataset_required: bool = False) -> argparse.ArgumentParser:
+    def command(name: str, help_: str, dataset_required: bool = False, dataset: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--ledger", required=True, help="the ledger file (its folder must exist)")
-        p.add_argument("--dataset-id", required=dataset_required, help="the data set (default: all)")
+        if dataset:
+            p.add_argument("--dataset-id", required=dataset_required, help="the data set (default: all)")
         return p
 
     init = command("init", "register a data set and its total budget (ε, δ)", dataset_required=True)
@@ -53,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--unit", default="record", choices=["record", "patient"])
     check.add_argument("--group-size", type=int, help="records per patient, for a record-level run on a "
                        "patient-level budget")
+    verify = command("verify", "check the ledger's hash chain, tables and triggers; print its head", dataset=False)
+    verify.add_argument("--expect-head", help="a head copied earlier (run report, export): it must be in the chain")
+    command("backup", "copy the ledger with SQLite's online backup API (its -wal included), verified",
+            dataset=False).add_argument("--output", dest="new_file", required=True,
+                                        help="the new file (never overwritten)")
+    release = command("release", "mark a running run whose process died (e.g. on another host) interrupted",
+                      dataset=False)
+    release.add_argument("run_id", type=int, metavar="RUN", help="the run's id (`monai-dp ledger show`)")
+    command("migrate", "write a schema-1 ledger as a new hash-chained ledger (the old file is not changed)",
+            dataset=False).add_argument("--output", dest="new_file", required=True, help="the new ledger file")
     fp = sub.add_parser("fingerprint", help="the dataset id of a MONAI datalist (JSON)")
     fp.add_argument("--datalist", required=True)
     fp.add_argument("--key", default="training", help="the list in the datalist (default: training)")
@@ -73,7 +91,7 @@ def _init(args) -> str:
 def _export(args) -> str:
     from monai_dp.privacy.ledger import PrivacyLedger
 
-    with PrivacyLedger(args.ledger, create=False) as ledger:
+    with PrivacyLedger(args.ledger, read_only=True) as ledger:
         if args.command == "show" or args.format == "markdown":
             return ledger.format_account(args.dataset_id, markdown=args.command == "export")
         return json.dumps(ledger.export(args.dataset_id), indent=2, ensure_ascii=False) + "\n"
@@ -91,6 +109,47 @@ def _check(args) -> str:
             f"{plan.epsilon_after:.4g} after them.\n")
 
 
+def _verify(args) -> str:
+    from monai_dp.privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger(args.ledger, read_only=True) as ledger:
+        state = ledger.verify(args.expect_head)
+    text = (f"Ledger {args.ledger} is intact: {state.events} events in its hash chain, {state.datasets} data set(s), "
+            f"{state.runs} run(s).\nhead {state.head}\n")
+    if state.expected_at is not None:
+        text += (f"The expected head is event {state.expected_at} of {state.events}: the ledger holds everything "
+                 f"it held then, and {state.events - state.expected_at} event(s) since.\n")
+    return text
+
+
+def _backup(args) -> str:
+    from monai_dp.privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger(args.ledger, read_only=True) as ledger:
+        state = ledger.backup(args.new_file)
+    return (f"Backed up {args.ledger} to {args.new_file} (online backup, verified: {state.events} events, "
+            f"{state.runs} run(s)).\nhead {state.head}\n")
+
+
+def _release(args) -> str:
+    from monai_dp.privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger(args.ledger, create=False) as ledger:
+        run = ledger.interrupt_run(args.run_id)
+        head = ledger.head()
+    return (f"Run {run['run_id']} on dataset {run['dataset_id']!r} (by {run['user']}@{run['host']}, pid {run['pid']}) "
+            f"marked interrupted: it counts the {run['steps_taken']} step(s) it claimed, and if its process is still "
+            f"alive it cannot claim another.\nhead {head}\n")
+
+
+def _migrate(args) -> str:
+    from monai_dp.privacy.ledger_migrate import migrate_ledger
+
+    state = migrate_ledger(args.ledger, args.new_file)
+    return (f"Migrated {args.ledger} (schema version 1, unchanged) to {args.new_file}: {state.datasets} data set(s), "
+            f"{state.runs} run(s), chained as they were. Train on {args.new_file} from now on.\nhead {state.head}\n")
+
+
 def _fingerprint(args) -> str:
     from monai_dp.privacy.fingerprint import DEFAULT_KEYS, dataset_fingerprint
 
@@ -106,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return EXIT_ERROR if exit_.code else 0
-    handlers = {"init": _init, "show": _export, "export": _export, "check": _check, "fingerprint": _fingerprint}
+    handlers = {"init": _init, "show": _export, "export": _export, "check": _check, "verify": _verify,
+                "backup": _backup, "release": _release, "migrate": _migrate, "fingerprint": _fingerprint}
     try:
         text = handlers[args.command](args)
         if getattr(args, "output", None):
@@ -116,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrivacyBudgetExhaustedError as err:
         print(err, file=sys.stderr)
         return EXIT_BUDGET
+    except LedgerIntegrityError as err:
+        print(f"monai-dp ledger {args.command}: {err}", file=sys.stderr)
+        return EXIT_INTEGRITY
     except (ValueError, TypeError, OSError, RuntimeError, sqlite3.Error) as err:
         print(f"monai-dp ledger {args.command}: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -24,13 +24,17 @@ logger = logging.getLogger(__name__)
 
 
 def open_ledger(ledger: Any):
-    """A :class:`~monai_dp.privacy.ledger.PrivacyLedger` from a path or a ledger object."""
+    """A :class:`~monai_dp.privacy.ledger.PrivacyLedger` from a path or a ledger object.
+
+    A path must hold a ledger already (``monai-dp ledger init`` creates one): a training run never creates a
+    ledger, so a ledger that was deleted is not silently replaced by an empty one.
+    """
     from monai_dp.privacy.ledger import PrivacyLedger
 
     if isinstance(ledger, PrivacyLedger):
         return ledger
     if isinstance(ledger, (str, os.PathLike)):
-        return PrivacyLedger(ledger)
+        return PrivacyLedger(ledger, create=False)
     raise TypeError(error_message("ledger", "a path to the ledger's SQLite file or a PrivacyLedger",
                                   type(ledger).__name__))
 
@@ -62,6 +66,9 @@ class _FollowerRun:
 class _FollowerLedger:
     path = ""
 
+    def head(self) -> None:
+        return None
+
     def budget(self, dataset_id: str) -> tuple[None, None]:
         return None, None
 
@@ -76,8 +83,11 @@ class PrivacyLedgerHandler:
     a run that does not fit is refused with :class:`~monai_dp.utils.errors.PrivacyBudgetExhaustedError`, one
     that partly fits is shortened (the trainer stops when its reservation is used). Every step is written to the
     ledger *before* it is taken (see ``PrivacyState.before_step``), so a crash can only over-count. On
-    ``COMPLETED`` the run is closed as ``finished`` (or ``stopped`` when a budget ended it); on an exception the
-    trainer closes it as ``failed``. The trainer attaches this handler itself when given ``ledger=``.
+    ``COMPLETED`` the run is closed as ``finished`` (or ``stopped`` when a budget ended it) and the head of the
+    ledger's hash chain is put in ``engine.privacy.ledger_info["head"]`` (and so in the run report: a copy to
+    check the ledger against later); on an exception the trainer closes it as ``failed``. The run records the
+    sampling used (``engine.privacy.sampling``) and whether the noise was seeded (``engine.privacy.noise_seed``).
+    The trainer attaches this handler itself when given ``ledger=``.
 
     Args:
         ledger: the ledger's SQLite file, or a ``PrivacyLedger``.
@@ -90,6 +100,7 @@ class PrivacyLedgerHandler:
         self.dataset_id = dataset_id
         self.note = str(note)
         self.run_id: int | None = None
+        self._opened: Any = None  # the ledger this run is charged to (rank 0), for its head at the end
 
     def attach(self, engine: Engine) -> None:
         """Register on ``STARTED`` and ``COMPLETED``; attaching twice does nothing."""
@@ -117,7 +128,9 @@ class PrivacyLedgerHandler:
                 run = ledger.begin_run(dataset_id, noise_multiplier=priv.noise_multiplier,
                                        sample_rate=priv.sample_rate, max_grad_norm=priv.max_grad_norm,
                                        planned_steps=max(remaining, 1), unit=priv.unit,
-                                       group_size=self._group_size(ledger, dataset_id, priv), note=self.note)
+                                       group_size=self._group_size(ledger, dataset_id, priv), note=self.note,
+                                       sampling=str(priv.sampling),
+                                       noise_seeded=getattr(priv, "noise_seed", None) is not None)
             except Exception as err:
                 failure = err
         if world > 1:
@@ -133,7 +146,7 @@ class PrivacyLedgerHandler:
         if failure is not None:
             raise failure
         priv.attach_ledger_run(ledger, run, dataset_id)
-        self.run_id = run.run_id
+        self.run_id, self._opened = run.run_id, ledger
         if run.allowed_steps < remaining:
             engine.logger.warning("Privacy ledger: dataset %r has budget left for %d of the %d planned steps; this "
                                   "run stops after %d steps.", dataset_id, run.allowed_steps, remaining,
@@ -156,6 +169,9 @@ class PrivacyLedgerHandler:
     def completed(self, engine: Engine) -> None:
         status = "stopped" if getattr(engine.state, "dp_budget_exhausted", False) else "finished"
         engine.privacy.finish_ledger_run(status)
+        info = engine.privacy.ledger_info
+        if info is not None and self._opened is not None:
+            info["head"] = self._opened.head()
 
     def state_dict(self) -> dict:
         return {"run_id": self.run_id}

@@ -4,7 +4,7 @@
   tables and genesis event, so a ledger file never exists empty: an empty file at a ledger's path is an emptied
   ledger, and refused (:func:`check_not_emptied`).
 - Read-only ledgers (no write permission on the file or its folder, e.g. ``chmod 0444`` or an archive) open
-  with ``mode=ro``; in a read-only folder without a ``-wal`` file, as ``immutable`` (SQLite cannot create the
+  with ``mode=ro``, and as ``immutable`` when no ``-wal`` file shows a writer (SQLite could not create its
   ``-shm`` file there).
 - :func:`backup_file` copies through SQLite's online backup API: a plain copy of the ``.db`` misses every commit
   still in its ``-wal`` file.
@@ -62,9 +62,10 @@ def _pragmas(con: sqlite3.Connection, timeout: float, read_only: bool) -> str:
 
 def connect(path: Path, timeout: float, read_only: bool = False) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit) with ``sqlite3.Row`` rows."""
+    read_only = read_only and writable_problem(path) is not None  # else SQLite tidies its -wal, -shm on close
     if read_only:
         wal = path.with_name(path.name + "-wal")
-        immutable = writable_problem(path) is not None and not (wal.is_file() and wal.stat().st_size > 0)
+        immutable = not (wal.is_file() and wal.stat().st_size > 0)  # no writer has it open
         uri = path.resolve().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
         con = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
     else:
