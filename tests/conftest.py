@@ -60,3 +60,30 @@ def cls_data():
 def _quiet_ignite():
     logging.getLogger("ignite").setLevel(logging.WARNING)
     yield
+
+
+# --- row independence (ghost clipping) -----------------------------------------------------------------------
+from monai_dp.networks import register_row_independent  # noqa: E402
+
+# TinyClassifier.forward (features -> flatten from dim 1 -> head) treats every row on its own: declared, so ghost
+# clipping accepts it (the probe on the first batch still checks it)
+register_row_independent(TinyClassifier)
+
+
+class BatchCentring(nn.Module):
+    """Subtracts the batch mean (``x - x.mean(0)``): every row's output depends on the other rows."""
+
+    def forward(self, x):
+        return x - x.mean(0)
+
+
+def make_row_mixing_classifier(size: int = 8, num_classes: int = 2) -> nn.Sequential:
+    """Flatten -> Linear -> BatchCentring -> ReLU -> Linear, for ``(1, size, size)`` images: ghost clipping refuses
+    it (``BatchCentring`` is not known to keep rows independent); per-sample gradients stay within C."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(size * size, 8), BatchCentring(), nn.ReLU(), nn.Linear(8, num_classes))
+
+
+@pytest.fixture
+def row_mixing_net():
+    torch.manual_seed(0)
+    return make_row_mixing_classifier()
