@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _INTEGRAL = re.compile(r"[+-]?[0-9]+(\.0*)?")
+_MISSING = frozenset({"nan", "none", "null", "<na>"})  # how str(), pandas and JSON spell a missing value
 _FIX_IDS = ("Write each patient's id the same way in every record (or make the ids differ if they are different "
             "patients).")
 
@@ -50,6 +51,9 @@ def _normalize_one(pid: Any, where: str) -> str:
         text = pid.strip()
         if not text:
             raise PatientIdError(error_message(where, "a non-empty patient id", pid))
+        if text.casefold() in _MISSING:
+            raise PatientIdError(error_message(where, "a patient id, not a missing value", pid,
+                                               "Give every record a patient id, or use privacy_unit='record'."))
         return str(int(text.split(".")[0])) if _INTEGRAL.fullmatch(text) else text
     if isinstance(pid, numbers.Integral) and not isinstance(pid, bool):
         return str(int(pid))
@@ -87,7 +91,8 @@ def normalize_patient_ids(ids: Sequence[Any], name: str = "patient_ids", item_na
       any other string is kept as stripped, case included;
     - whole numbers (``3``, ``np.int64(3)``, ``3.0``, ``np.float32(3)``) become their decimal digits (``'3'``);
     - ``None``, empty strings, NaN, infinities, fractional numbers (``3.5``), bools and other types are refused,
-      naming the record;
+      naming the record; so are the strings ``'nan'``, ``'None'``, ``'null'`` and ``'<NA>'`` (a missing value
+      after ``str()``, pandas or JSON);
     - two *different spellings* that normalise to the same id, or to ids that differ only in case, are refused,
       naming both: ``3`` and ``'3.0'``, ``'3'`` and ``'03'``, ``'p3'`` and ``'p3 '``, ``'P3'`` and ``'p3'``.
       Merging them silently could join two different patients, keeping them apart could split one; only the

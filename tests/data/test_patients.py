@@ -58,6 +58,8 @@ def test_two_spellings_of_one_id_are_refused_naming_both(raw, shown):
         (3.5, r"must be a string or a whole number, got 3.5"),
         (True, r"must be a patient id \(a string or a whole number\), got True"),
         (b"p1", r"must be a patient id \(a string or a whole number\), got 'bytes'"),
+        ("nan", r"must be a patient id, not a missing value, got 'nan'. Give every record a patient id"),
+        (" None", r"must be a patient id, not a missing value, got ' None'"),
     ],
 )
 def test_missing_and_unusable_ids_name_the_record(bad, shown):
