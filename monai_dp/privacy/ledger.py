@@ -217,6 +217,9 @@ class PrivacyLedger:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+        # every event (registration, start or end of a run) reaches the .db file itself at once: a lost -wal, or a
+        # plain copy of the .db, then misses at most the step claims of running runs since their last event
+        con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
