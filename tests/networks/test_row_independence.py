@@ -41,6 +41,13 @@ def _data(n, seed=0):
     return torch.randn(n, 10, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
 
 
+def _neighbours(batch):
+    """``(x, y)`` of ``batch + 1`` items: the first ``batch`` alike, the added one an outlier with a large gradient."""
+    x, y = _data(batch + 1)
+    x[-1] *= 100
+    return x, torch.where(torch.arange(batch + 1) < batch, 0, 2)
+
+
 def _clipped_sum(grads: dict, c: float) -> torch.Tensor:
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
     w = (c / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
@@ -50,23 +57,28 @@ def _clipped_sum(grads: dict, c: float) -> torch.Tensor:
 @pytest.mark.parametrize("batch", [16, 64])
 def test_ghost_refuses_a_row_mixing_layer_at_construction_and_on_the_first_call(batch):
     torch.manual_seed(0)
-    net, loss = _mixing_mlp(), nn.CrossEntropyLoss()
-    x, y = _data(batch)
+    net, loss, c = _mixing_mlp(), nn.CrossEntropyLoss(), 1e-3
+    x, y = _neighbours(batch)
     with pytest.raises(DPIncompatibleModuleError, match=r"`1`: _CentreRows is not known to keep the rows of a batch "
                                                         r"independent.*Fix: use per-sample gradients"):
         GhostClipping(net, loss)
     # declared row-wise by mistake: the probe on the first batch refuses it before any sum is returned
-    gc = GhostClipping(net, loss, row_independent=(_CentreRows,))
     with pytest.raises(DPIncompatibleModuleError, match=r"`1`: _CentreRows mixes the rows of a batch"):
-        gc(x, y, None, None, 1e-3)
+        GhostClipping(net, loss, row_independent=(_CentreRows,))(x[:batch], y[:batch], None, None, c)
+    # why: forced past both checks, adding the one item moves the clipped sum by many times C
+    forced = GhostClipping(net, loss, row_independent=(_CentreRows,), probe_rows=0)
+    sums = [torch.cat([g.flatten() for g in forced(x[:n], y[:n], None, None, c)[0].values()])
+            for n in (batch, batch + 1)]
+    assert float((sums[1] - sums[0]).norm()) > 10 * c
 
 
 @pytest.mark.parametrize("method", ["vmap_grad", "expanded"])
 @pytest.mark.parametrize("batch", [16, 64])
 def test_per_sample_clipped_sum_moves_by_at_most_c_with_a_row_mixing_layer(batch, method):
+    """Every row runs alone (a batch of one under vmap) on both paths, so the mixing layer sees one row."""
     torch.manual_seed(0)
     net, loss, c = _mixing_mlp(), nn.CrossEntropyLoss(), 1e-3  # every item clipped: the worst case
-    x, y = _data(batch + 1)
+    x, y = _neighbours(batch)
     sums = []
     for n in (batch, batch + 1):  # neighbouring batches: the second has one more item
         sampler = PerSampleGradients(net, loss, method=method)
