@@ -409,8 +409,10 @@ class PrivacyLedger:
         clip = check_positive("max_grad_norm", max_grad_norm)
         if not isinstance(note, str):
             raise TypeError(error_message("note", "a str", type(note).__name__))
-        if not (isinstance(sampling, str) and sampling and sampling.isprintable()):
-            raise TypeError(error_message("sampling", "a non-empty str (e.g. 'poisson')", sampling))
+        if not isinstance(sampling, str):
+            raise TypeError(error_message("sampling", "a str", type(sampling).__name__))
+        if not (sampling and sampling.isprintable()):
+            raise ValueError(error_message("sampling", "a non-empty printable str (e.g. 'poisson')", sampling))
         if not isinstance(noise_seeded, bool):
             raise TypeError(error_message("noise_seeded", "a bool", type(noise_seeded).__name__))
         for attempt in range(_OPTIMISTIC_TRIES + 1):

@@ -302,3 +302,34 @@ def test_fingerprint_hashes_arrays_and_tensors():
 def test_fingerprint_errors(records, error, match):
     with pytest.raises(error, match=match):
         dataset_fingerprint(records)
+
+
+def test_sampling_and_seeded_noise_are_recorded_fixed_and_shown(ledger, tmp_path):
+    ledger.init_dataset("ds", 10.0, DELTA)
+    ledger.begin_run("ds", SIGMA, Q, 1.0, 2).finish()
+    seeded = ledger.begin_run("ds", SIGMA, Q, 1.0, 2, sampling="shuffle", noise_seeded=True)
+    assert [(r["sampling"], r["noise_seeded"]) for r in ledger.spent("ds").runs] == [("poisson", 0), ("shuffle", 1)]
+    with pytest.raises(sqlite3.DatabaseError, match="only a running run is updated"):
+        raw_connection(tmp_path).execute("UPDATE runs SET noise_seeded = 0 WHERE run_id = 2")
+    seeded.finish()
+    text = ledger.format_account()
+    assert "run 2: reproducible noise: not private against someone who knows the seed" in text
+    assert "run 2: sampling 'shuffle', not Poisson: the ε charged assumes Poisson sampling" in text
+    assert "run 1:" not in text
+    crashed = ledger.begin_run("ds", SIGMA, Q, 1.0, 2)
+    ledger.interrupt_run(crashed.run_id)
+    resumed = ledger.resume_run(crashed.run_id, 2, sampling="shuffle", noise_seeded=True)
+    assert (ledger.run(resumed.run_id)["sampling"], ledger.run(resumed.run_id)["noise_seeded"]) == ("shuffle", 1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"noise_seeded": "yes"}, TypeError, r"`noise_seeded` must be a bool, got 'str'"),
+    ({"noise_seeded": None}, TypeError, r"`noise_seeded` must be a bool, got 'NoneType'"),
+    ({"sampling": ""}, ValueError, r"`sampling` must be a non-empty printable str \(e.g. 'poisson'\), got ''"),
+    ({"sampling": 1}, TypeError, r"`sampling` must be a str, got 'int'"),
+])
+def test_sampling_and_noise_seeded_validation(ledger, kwargs, error, match):
+    ledger.init_dataset("ds", 10.0, DELTA)
+    with pytest.raises(error, match=match):
+        ledger.begin_run("ds", SIGMA, Q, 1.0, 2, **kwargs)
+    assert ledger.spent("ds").runs == []
