@@ -180,6 +180,7 @@ def _load_json(folder: Path, task: str, num_classes: int, spatial_dims: int, val
             rec = _record(folder, raw, where, name == "test", task, num_classes)
             _check_record(rec, where, task, spatial_dims, check)
             splits[name].append(rec)
+    _normalize_ids(splits, spec_path)
     fractions = {}
     if "test" not in spec and test_fraction > 0:
         fractions["test"] = test_fraction
@@ -188,6 +189,20 @@ def _load_json(folder: Path, task: str, num_classes: int, spatial_dims: int, val
     if fractions:
         splits.update(_split(splits["training"], fractions, random.Random(seed)))
     return splits
+
+
+def _normalize_ids(splits: dict[str, list[dict]], spec_path: Any) -> None:
+    """Patient ids by :func:`~monai_dp.data.patients.normalize_patient_ids`, over all splits at once: one
+    patient spelled two ways (``3`` and ``'3.0'``) is refused, never split between training and validation."""
+    from monai_dp.data.patients import normalize_patient_ids
+
+    where = [(name, i) for name in SPLITS for i, r in enumerate(splits[name]) if "patient_id" in r]
+    if not where:
+        return
+    ids = normalize_patient_ids([splits[n][i]["patient_id"] for n, i in where], name="patient_id",
+                                item_name=f"{spec_path} record {{i}} (counting training, validation, test)")
+    for (name, i), pid in zip(where, ids):
+        splits[name][i]["patient_id"] = pid
 
 
 def _record(folder: Path, raw: Any, where: str, is_test: bool, task: str, num_classes: int) -> dict:
@@ -205,8 +220,6 @@ def _record(folder: Path, raw: Any, where: str, is_test: bool, task: str, num_cl
     elif isinstance(rec["label"], bool) or not isinstance(rec["label"], int) or not 0 <= rec["label"] < num_classes:
         raise DatasetError(f"{where}: " + error_message("label", f"an int in [0, {num_classes})", rec["label"],
                                                         _NUM_CLASSES_FIX))
-    if "patient_id" in rec:
-        rec["patient_id"] = str(rec["patient_id"])
     return rec
 
 

@@ -29,6 +29,8 @@ from monai_dp.data import (
 )
 from monai_dp.data.patients import (
     PatientDataset,
+    PatientIdError,
+    normalize_patient_ids,
     patient_ids_of,
     records_per_patient_summary,
 )
@@ -37,7 +39,7 @@ from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.digest import weights_digest
 from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
 from monai_dp.engines.privacy_state import PrivacyState
-from monai_dp.losses import check_per_sample_loss
+from monai_dp.losses import check_per_sample_loss, check_targets
 from monai_dp.networks import (
     GhostClipping,
     PerSampleGradients,
@@ -228,6 +230,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
         self.ghost = _ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
         self._mode_chosen = False
+        self._pred_layout: torch.Tensor | None = None
 
         from monai_dp.handlers import (
             PrivacyAccountantHandler,
@@ -486,6 +489,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         losses, preds = [], []
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         y = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
+        engine._check_targets(x, y)
         if engine.ghost is not None and engine.grad_sample_mode == "auto" and not engine._mode_chosen:
             engine._choose_grad_sample_mode(x, y, groups, chunks[0])
         if engine.ghost is not None:
@@ -605,6 +609,16 @@ class DPSupervisedTrainer(SupervisedTrainer):
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         return losses, preds
 
+    def _check_targets(self, x: torch.Tensor, y: Any) -> None:
+        """Class labels out of range get a clear error before any loss runs (on CUDA an out-of-range index is a
+        device-side assert that breaks the context). The prediction's layout comes from one row, once."""
+        if self._pred_layout is None:
+            with torch.no_grad():
+                probe = self.inferer(x[:1], self.network) if self.inferer is not None else self.network(x[:1])
+            probe = probe[0] if isinstance(probe, (list, tuple)) else probe
+            self._pred_layout = torch.empty(tuple(probe.shape[:2]) + (1,) * max(probe.ndim - 2, 0))
+        check_targets(self._pred_layout, y, self.loss_function)
+
     def _check_finite(self, row_losses: torch.Tensor, item_norms: torch.Tensor, groups: torch.Tensor,
                       first_row: int) -> None:
         """Raise before the update when a row's loss or an item's gradient norm is NaN or infinite.
@@ -715,14 +729,21 @@ def _sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Seque
         if max_records_per_patient is not None:
             raise ValueError(error_message("max_records_per_patient", "None with privacy_unit='record'",
                                            max_records_per_patient, "Use privacy_unit='patient'."))
-        ids = list(map(str, patient_ids)) if patient_ids is not None else None
-        if ids is None and dataset is not None:
-            try:
-                ids = patient_ids_of(dataset, patient_key)
-            except ValueError:
-                ids = None
+        try:
+            ids = normalize_patient_ids(patient_ids) if patient_ids is not None else None
+            if ids is None and dataset is not None:
+                try:
+                    ids = patient_ids_of(dataset, patient_key)
+                except PatientIdError:
+                    raise
+                except ValueError:  # no patient ids: nothing to say about patients
+                    ids = None
+        except PatientIdError as err:
+            logger.warning("The records' patient ids are ambiguous (%s); the report states no patient-level "
+                           "guarantee. Fix the ids to get it.", err)
+            ids = None
         return None, (records_per_patient_summary(ids) if ids else None)
-    ids = list(map(str, patient_ids)) if patient_ids is not None else patient_ids_of(dataset, patient_key)
+    ids = normalize_patient_ids(patient_ids) if patient_ids is not None else patient_ids_of(dataset, patient_key)
     units = PatientDataset(dataset, ids, max_records_per_patient)
     summary = records_per_patient_summary(ids)
     logger.info("Patient-level DP: %d records of %d patients (records per patient: median %.3g, max %d)%s.",

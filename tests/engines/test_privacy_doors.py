@@ -381,3 +381,20 @@ def test_auto_mode_cross_checks_ghost_clipping_also_under_bf16(monkeypatch):
     with pytest.raises(RuntimeError, match=r"clipped sum of `1.weight`` must be the same by ghost clipping"):
         trainer.run()
 
+
+
+# ---------------------------------------------------------------- item 11 (trainer side): labels out of range
+@pytest.mark.parametrize("mode", ["per_sample", "ghost"])
+def test_labels_out_of_range_get_one_clear_error_in_every_mode(mode):
+    data = make_classification_data(n=12)
+    data[5]["label"] = torch.tensor(7)
+    trainer = _trainer(net=Wide(out=2), data=data, batch_size=len(data), grad_sample_mode=mode)
+    with pytest.raises(ValueError, match=r"`targets` must be class indices in \[0, 2\).*got 7"):
+        trainer.run()
+
+
+def test_ambiguous_patient_ids_are_refused_at_patient_level():
+    ids = [i // 2 for i in range(12)]
+    ids[3] = "1.0"  # patient 1 spelled a second way: one patient would be sampled (and clipped) as two
+    with pytest.raises(ValueError, match=r"`patient_ids` must spell each patient id one way, got 1 \(record 2\) and '1.0' \(record 3\)"):
+        _trainer(data=make_classification_data(n=12), privacy_unit="patient", batch_size=2, patient_ids=ids)
