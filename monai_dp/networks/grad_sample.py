@@ -12,6 +12,13 @@ whose internals ``vmap`` cannot batch (``one_hot`` uses an in-place scatter) wor
 
 Rows of the batch that come from one sampled item (multi-crop transforms) are summed before
 clipping (``groups``), so the clip bounds the item's whole contribution.
+
+Both methods (``vmap_grad`` and ``expanded``) run every row alone, as a batch of one under ``vmap``, so a
+module that mixes the rows of a batch (``x - x.mean(0)``, attention across the batch) only ever sees one row:
+each item's gradient depends on that item alone and the clipped sum moves by at most ``C`` when an item is
+added (tests/networks/test_row_independence.py). The price is that such a network is trained as it computes
+on a batch of one, which differs from its batched forward at inference; ghost clipping, which uses the
+batched forward, refuses such modules instead.
 """
 
 from __future__ import annotations

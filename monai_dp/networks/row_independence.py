@@ -31,6 +31,7 @@ from torch import nn
 
 from monai_dp.networks.heads import FeatureClassifier
 from monai_dp.networks.scattering import WaveletScattering2D
+from monai_dp.utils.validation import error_message
 
 __all__ = ["find_row_mixing_modules", "register_row_independent"]
 
@@ -116,6 +117,7 @@ _KNOWN: dict[type, tuple[dict[str, Any], Callable | None]] = {
     for cls, (helpers, cond) in {**_TORCH, **_MONAI}.items()
 }
 _DECLARED: dict[type, Callable] = {}
+_SIMPLE_CALL = SimpleInferer.__call__  # calls network(inputs) on the whole batch
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -127,7 +129,7 @@ def register_row_independent(cls: type) -> type:
     class (still subject to the probe on the first batch). Subclasses that override ``forward`` are not covered.
     """
     if not isinstance(cls, type):
-        raise TypeError(f"`cls` must be a class, got {type(cls).__name__}.")
+        raise TypeError(error_message("cls", "a class (the module's class, not an instance)", type(cls).__name__))
     _DECLARED[cls] = cls.forward if issubclass(cls, nn.Module) else cls.__call__
     return cls
 
@@ -186,8 +188,6 @@ def find_row_mixing_modules(network: nn.Module, inferer: Any = None,
                           "batch without mixing rows.", "use SimpleInferer for training, or " + _MIX_FIX))
     return offenders
 
-
-_SIMPLE_CALL = SimpleInferer.__call__
 
 
 def _declared_callable(obj: Any, extra: tuple[type, ...]) -> bool:

@@ -94,11 +94,10 @@ def _select(calls: list, j: int) -> list:
     return [(p, w, [None if t is None else t[j] for t in ts]) for p, w, ts in calls]
 
 
-def _changed(base: list, other: list, dtype: torch.dtype) -> tuple[list[tuple[str, str, float, float]], bool]:
+def _changed(base: list, other: list) -> tuple[list[tuple[str, str, float, float]], bool]:
     """``[(path, where, diff, tol)]`` for every kept-row tensor that changed; ``True`` if the calls differ."""
     if [(p, w, len(t)) for p, w, t in base] != [(p, w, len(t)) for p, w, t in other]:
         return [], True
-    rtol = _RTOL.get(dtype, 1e-2)
     out = []
     for (path, where, ts), (_, _, us) in zip(base, other):
         for t, u in zip(ts, us):
@@ -112,7 +111,7 @@ def _changed(base: list, other: list, dtype: torch.dtype) -> tuple[list[tuple[st
             if torch.equal(t, u):  # the usual case on a CPU: bit for bit the same
                 continue
             diff = float((t - u).abs().max())
-            tol = rtol * max(float(t.abs().max()), 1e-6)
+            tol = _RTOL.get(t.dtype, 1e-2) * max(float(t.abs().max()), 1e-6)  # float16/bfloat16: 1e-2
             if not diff <= tol:
                 out.append((path, where, diff, tol))
     return out, False
@@ -137,6 +136,24 @@ def _culprits(changes: list[tuple[str, str, float, float]]) -> list[tuple[str, s
     return [(p, *flagged[p]) for p in innermost]
 
 
+def _passes(network, inferer, x, seed) -> tuple[list, bool]:
+    """The three passes: ``(changes, calls_differ)`` of the kept rows 0 and ``k - 1`` when the others change."""
+    k = x.shape[0]
+    cuda = x.device.type == "cuda"
+    recorder = _Recorder(network, k)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if cuda else []):
+            states = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None)
+            base = _run(network, inferer, x, recorder, slice(0, k, k - 1), states)  # rows 0 and k - 1
+            first, differ_first = _changed(_select(base, 0), _select(_run(
+                network, inferer, _perturbed(x, 0, seed), recorder, slice(0, 1), states), 0))
+            last, differ_last = _changed(_select(base, 1), _select(_run(
+                network, inferer, _perturbed(x, k - 1, seed + 1), recorder, slice(k - 1, k), states), 0))
+    finally:
+        recorder.remove()
+    return first + last, differ_first or differ_last
+
+
 def probe_row_independence(network: nn.Module, inputs: torch.Tensor, inferer: Callable | None = None,
                            rows: int = 4, seed: int = 0) -> list[tuple[str, str, str]]:
     """``(layer_path, problem, fix)`` for the modules found to mix rows on ``inputs[:rows]`` (empty: none found).
@@ -146,39 +163,30 @@ def probe_row_independence(network: nn.Module, inputs: torch.Tensor, inferer: Ca
     k = min(int(rows), int(inputs.shape[0]))
     if k < 2:
         return []
-    params = [p for p in network.parameters()]
-    dtype = params[0].dtype if params else torch.float32
+    params = list(network.parameters())
     x = inputs[:k].detach()
     if x.is_floating_point() and params:
-        x = x.to(dtype)
+        x = x.to(params[0].dtype)
     buffers = {n: b.detach().clone() for n, b in network.named_buffers()}
-    recorder = _Recorder(network, k)
-    cuda = x.device.type == "cuda"
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if cuda else []):
-            states = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None)
-            base = _run(network, inferer, x, recorder, slice(0, k, k - 1), states)  # rows 0 and k - 1
-            first, order_first = _changed(_select(base, 0), _select(_run(
-                network, inferer, _perturbed(x, 0, seed), recorder, slice(0, 1), states), 0), dtype)
-            last, order_last = _changed(_select(base, 1), _select(_run(
-                network, inferer, _perturbed(x, k - 1, seed + 1), recorder, slice(k - 1, k), states), 0), dtype)
+        changes, calls_differ = _passes(network, inferer, x, seed)
+    except Exception as e:  # noqa: BLE001 - a network that cannot run on the probe's rows is not verified
+        return [("<root>", f"the row-independence probe could not run the network on {k} rows of the first batch "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).",
+                 "use per-sample gradients, or a `probe_rows` the network accepts.")]
     finally:
-        recorder.remove()
         with torch.no_grad():
             for n, b in network.named_buffers():
                 if n in buffers:
                     b.copy_(buffers[n])
-    if order_first or order_last:
+    if calls_differ:
         return [("<root>", "the sequence of module calls changed when other rows of the batch changed (control "
                  "flow that depends on the whole batch mixes the rows).", _FIX)]
-    changes = first + last
-    if not changes:
-        return []
     if any(p == "" and w == "input" for p, w, _, _ in changes):
         return [("<inferer>", "the network's input row changed when other rows changed: the inferer mixes rows.",
                  _FIX)]
     offenders = []
-    for path, what, diff, tol in _culprits(changes) or [("", "output", *changes[0][2:])]:
+    for path, what, diff, tol in _culprits(changes) or ([("", "output", *changes[0][2:])] if changes else []):
         name = type(network.get_submodule(path)).__name__
         offenders.append((path or "<root>", f"{name} mixes the rows of a batch: on {k} rows of the first batch, "
                           f"changing the other rows changed one row's {what} by {diff:.3g} (tolerance {tol:.3g}).",

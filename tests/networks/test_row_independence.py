@@ -141,7 +141,8 @@ def test_probe_finds_a_patched_function_behind_an_allowed_layer(monkeypatch):
     x, y = _data(8)
     gc = GhostClipping(net, nn.CrossEntropyLoss())
     gelu = nn.functional.gelu
-    monkeypatch.setattr(nn.functional, "gelu", lambda t, approximate="none": gelu(t - t.mean(0), approximate=approximate))
+    monkeypatch.setattr(nn.functional, "gelu",
+                        lambda t, approximate="none": gelu(t - t.mean(0), approximate=approximate))
     with pytest.raises(DPIncompatibleModuleError, match=r"`1`: GELU mixes the rows of a batch"):
         gc(x, y, None, None, 1.0)
     monkeypatch.undo()
@@ -220,7 +221,7 @@ def test_register_row_independent(monkeypatch):
 
     assert find_row_mixing_modules(nn.Sequential(nn.Linear(2, 2), Scale())) == []
     assert find_row_mixing_modules(nn.Sequential(Sub()))[0][0] == "0"
-    with pytest.raises(TypeError, match=r"`cls` must be a class, got Linear"):
+    with pytest.raises(TypeError, match=r"`cls` must be a class \(the module's class, not an instance\), got 'Linear'"):
         register_row_independent(nn.Linear(2, 2))
 
 
@@ -229,3 +230,20 @@ def test_probe_rows_argument():
         GhostClipping(nn.Linear(2, 2), nn.CrossEntropyLoss(), probe_rows=1)
     gc = GhostClipping(_mixing_mlp(), nn.CrossEntropyLoss(), row_independent=(_CentreRows,), probe_rows=0)
     assert gc._probed  # the allow-list, as declared, is then all there is
+
+
+class _FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):  # assumes a batch of 8: the probe's 4 rows fail
+        return self.fc(x.reshape(8, 10))
+
+
+def test_a_network_the_probe_cannot_run_is_refused_not_crashed():
+    x, y = _data(8)
+    gc = GhostClipping(_FixedBatch().double(), nn.CrossEntropyLoss(), row_independent=(_FixedBatch,))
+    with pytest.raises(DPIncompatibleModuleError, match=r"`<root>`: the row-independence probe could not run the "
+                                                        r"network on 4 rows of the first batch \(RuntimeError"):
+        gc(x, y, None, None, 1.0)
