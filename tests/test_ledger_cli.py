@@ -1,4 +1,4 @@
-"""``monai-dp ledger``: init, show, export, check, verify, backup, release, migrate and fingerprint from the command line."""
+"""``monai-dp ledger``: init, show, export, check, verify, backup, release, migrate and fingerprint commands."""
 
 from __future__ import annotations
 

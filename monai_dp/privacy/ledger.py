@@ -29,10 +29,11 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from monai_dp.privacy import ledger_file
 from monai_dp.privacy.ledger_chain import ChainState, append_event, find_event, start_chain, verify
+from monai_dp.privacy.ledger_plan import UNITS, check_request, exhausted_message, plan_run
 from monai_dp.privacy.ledger_report import format_account
 from monai_dp.privacy.ledger_run import (
     LedgerRun,
@@ -40,19 +41,17 @@ from monai_dp.privacy.ledger_run import (
     Spent,
     charged,
     end_run,
-    composed_epsilon,
     mechanisms,
     now,
     run_row,
 )
 from monai_dp.privacy.ledger_schema import SCHEMA_VERSION, create_schema, schema_version
-from monai_dp.privacy.pld import Mechanism, compose_epsilon, max_steps_within_budget
+from monai_dp.privacy.pld import compose_epsilon
 from monai_dp.utils.errors import LedgerIntegrityError, PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import (
     check_choice,
     check_open_unit_interval,
     check_positive,
-    check_positive_int,
     error_message,
 )
 
@@ -60,7 +59,6 @@ __all__ = ["ChainState", "LedgerRun", "PrivacyLedger", "RunPlan", "Spent"]
 
 logger = logging.getLogger(__name__)
 
-UNITS = ("record", "patient")
 BUSY_TIMEOUT_S = 30.0
 _OPTIMISTIC_TRIES = 3  # PLD queries run outside the write lock; after this many lost races, under it
 _HOST = socket.gethostname()
@@ -81,18 +79,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class _Request(NamedTuple):
-    noise_multiplier: float
-    sample_rate: float
-    planned_steps: int
-    unit: str
-    group_size: int
-
-
 def _user() -> str:
     try:
         return getpass.getuser()
-    except (OSError, KeyError, ImportError):  # no login name (containers without USER); the ledger still records pid and host
+    except (OSError, KeyError, ImportError):  # no login name (containers without USER); pid and host are still recorded
         return "unknown"
 
 
@@ -194,7 +184,8 @@ class PrivacyLedger:
             self._ensure_verified(con)
             yield con
         finally:
-            con.execute("COMMIT")
+            if con.in_transaction:
+                con.execute("COMMIT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -214,7 +205,8 @@ class PrivacyLedger:
             self._ensure_verified(con)
             yield con
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
         # every event (registration, start or end of a run) reaches the .db file itself at once: a lost -wal, or a
@@ -333,53 +325,6 @@ class PrivacyLedger:
         eps = compose_epsilon(mechanisms(runs, reservations), ds["delta"])
         return Spent(eps, [dict(r, charged_steps=charged(r, reservations)) for r in runs])
 
-    def _request(self, ds: sqlite3.Row, noise_multiplier: Any, sample_rate: Any, planned_steps: Any, unit: Any,
-                 group_size: Any) -> _Request:
-        sigma = check_positive("noise_multiplier", noise_multiplier,
-                               "A run without noise cannot be recorded against a privacy budget.")
-        q = check_positive("sample_rate", sample_rate)
-        if not q <= 1:
-            raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate))
-        steps = check_positive_int("planned_steps", planned_steps)
-        unit = check_choice("unit", unit, UNITS)
-        if unit == ds["unit"]:
-            if group_size not in (None, 1):
-                raise ValueError(error_message("group_size", f"1 for a {unit}-level run on a {unit}-level budget",
-                                               group_size, "group_size is for record-level runs charged to a "
-                                               "patient-level budget."))
-            return _Request(sigma, q, steps, unit, 1)
-        if unit == "patient":
-            raise ValueError(error_message(
-                "unit", f"'record' on data set {ds['dataset_id']!r}, whose budget is record-level", unit,
-                "A patient-level run protects patients, not each record of a patient with several records, so its "
-                "record-level cost is not bounded by its patient-level ε; register the data set with unit 'patient'."))
-        if group_size is None:
-            raise ValueError(error_message(
-                "group_size", f"the largest number of records per patient for a record-level run on the "
-                f"patient-level data set {ds['dataset_id']!r}", group_size,
-                "A patient with k records is charged the mixture-of-Gaussians cost of k records."))
-        return _Request(sigma, q, steps, unit, check_positive_int("group_size", group_size))
-
-    def _plan(self, ds: sqlite3.Row, req: _Request, spent: tuple[Mechanism, ...]) -> RunPlan:
-        """The largest step count ≤ planned whose canonical composition with ``spent`` stays within the budget."""
-        eps, delta = ds["epsilon"], ds["delta"]
-        spent_eps = compose_epsilon(spent, delta)
-        n, after = req.planned_steps, composed_epsilon(
-            [*spent, Mechanism(req.noise_multiplier, req.sample_rate, req.planned_steps, req.group_size)], delta)
-        if after > eps:
-            n = max_steps_within_budget(spent, req.noise_multiplier, req.sample_rate, req.group_size, eps, delta,
-                                        req.planned_steps)
-            after = spent_eps
-            # the ledger composes same-mechanism runs as one term; make sure that (its reported total) fits too
-            while n > 0:
-                after = composed_epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate, n, req.group_size)],
-                                         delta)
-                if after <= eps:
-                    break
-                n -= 1
-            after = after if n else spent_eps
-        return RunPlan(ds["dataset_id"], req.planned_steps, n, spent_eps, after, eps, delta)
-
     def check_run(self, dataset_id: str, noise_multiplier: float, sample_rate: float, planned_steps: int,
                   unit: str = "record", group_size: int | None = None) -> RunPlan:
         """A dry run of :meth:`begin_run`: what would fit now (reserves nothing); raises if not a single step."""
@@ -387,11 +332,11 @@ class PrivacyLedger:
             self.recover(dataset_id)
         with self._read() as con:
             ds = self._dataset(con, dataset_id)
-            req = self._request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
+            req = check_request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
             runs = self._runs(con, ds["dataset_id"])
-        plan = self._plan(ds, req, mechanisms(runs))
+        plan = plan_run(ds, req, mechanisms(runs))
         if plan.allowed_steps == 0:
-            raise PrivacyBudgetExhaustedError(self._exhausted_message(ds, runs, plan.spent_epsilon, req))
+            raise PrivacyBudgetExhaustedError(exhausted_message(ds, runs, plan.spent_epsilon, req))
         return plan
 
     def begin_run(self, dataset_id: str, noise_multiplier: float, sample_rate: float, max_grad_norm: float,
@@ -421,20 +366,20 @@ class PrivacyLedger:
                 self.recover(dataset_id)
                 with self._read() as con:
                     ds = self._dataset(con, dataset_id)
-                    req = self._request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
+                    req = check_request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
                     spent = mechanisms(self._runs(con, ds["dataset_id"]))
-                plan = self._plan(ds, req, spent)
+                plan = plan_run(ds, req, spent)
             with self._write() as con:
                 if locked:
                     self._recover(con, dataset_id)
                 runs = self._runs(con, ds["dataset_id"])
                 if locked:
                     spent = mechanisms(runs)
-                    plan = self._plan(ds, req, spent)
+                    plan = plan_run(ds, req, spent)
                 elif mechanisms(runs) != spent:
                     continue  # lost a race: another run started, ended or was recovered; plan again
                 if plan.allowed_steps == 0:
-                    raise PrivacyBudgetExhaustedError(self._exhausted_message(ds, runs, plan.spent_epsilon, req))
+                    raise PrivacyBudgetExhaustedError(exhausted_message(ds, runs, plan.spent_epsilon, req))
                 cur = con.execute(
                     "INSERT INTO runs(dataset_id, status, unit, sample_rate, noise_multiplier, max_grad_norm, "
                     "group_size, reserved_steps, steps_taken, started_at, user, host, pid, note, resumes, sampling, "
@@ -469,20 +414,6 @@ class PrivacyLedger:
         return self.begin_run(old["dataset_id"], old["noise_multiplier"], old["sample_rate"], old["max_grad_norm"],
                               planned_steps, old["unit"], group, note=f"resumes run {run_id}", resumes=run_id,
                               sampling=sampling, noise_seeded=noise_seeded)
-
-    def _exhausted_message(self, ds: sqlite3.Row, runs: list[sqlite3.Row], spent_eps: float, req: _Request) -> str:
-        spenders = [r for r in runs if charged(r, True) > 0]
-        lines = [(f"Privacy budget of dataset {ds['dataset_id']!r} (ε = {ds['epsilon']:g}, δ = {ds['delta']:g}, "
-                 f"{ds['unit']}-level) is exhausted: spent ε = {spent_eps:.4g} (PLD composition of {len(spenders)} "
-                 "run(s); running runs count their reservation). Not a single step of the requested run "
-                 f"(noise_multiplier = {req.noise_multiplier:g}, sample_rate = {req.sample_rate:g}, "
-                 f"{req.unit}-level, group_size = {req.group_size}) fits. Runs that spent it:")]
-        lines += [f"  run {r['run_id']}: {r['status']}, by {r['user']}@{r['host']}, started {r['started_at']}, "
-                  f"{charged(r, True)} steps, noise_multiplier = {r['noise_multiplier']:g}, "
-                  f"sample_rate = {r['sample_rate']:g}, group_size = {r['group_size']}" for r in spenders]
-        if spent_eps < ds["epsilon"]:
-            lines.append("A run with a larger noise_multiplier or a smaller sample_rate may still fit the rest.")
-        return "\n".join(lines)
 
     # -- recovery ---------------------------------------------------------------------------------------------
     def recover(self, dataset_id: str | None = None) -> list[int]:

@@ -17,7 +17,8 @@ TABLES = {
     "meta": "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "datasets": (
         "CREATE TABLE datasets(dataset_id TEXT PRIMARY KEY, epsilon REAL NOT NULL CHECK (epsilon > 0), "
-        "delta REAL NOT NULL CHECK (delta > 0 AND delta < 1), unit TEXT NOT NULL CHECK (unit IN ('record', 'patient')), "
+        "delta REAL NOT NULL CHECK (delta > 0 AND delta < 1), "
+        "unit TEXT NOT NULL CHECK (unit IN ('record', 'patient')), "
         "created_at TEXT NOT NULL, created_by TEXT NOT NULL, description TEXT NOT NULL DEFAULT '')"),
     "runs": (
         "CREATE TABLE runs(run_id INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -45,7 +46,8 @@ def _refuse(message: str) -> str:
 # append-only: nothing is deleted or replaced, budgets and mechanisms never change, an ended run stays as it ended
 TRIGGERS = {
     "datasets_keep": f"CREATE TRIGGER datasets_keep BEFORE DELETE ON datasets {_refuse('data sets are never deleted')}",
-    "datasets_fixed": f"CREATE TRIGGER datasets_fixed BEFORE UPDATE ON datasets {_refuse('a recorded budget never changes')}",
+    "datasets_fixed": (
+        f"CREATE TRIGGER datasets_fixed BEFORE UPDATE ON datasets {_refuse('a recorded budget never changes')}"),
     "datasets_no_replace": (
         "CREATE TRIGGER datasets_no_replace BEFORE INSERT ON datasets WHEN EXISTS "
         f"(SELECT 1 FROM datasets WHERE dataset_id = NEW.dataset_id) {_refuse('a recorded budget is never replaced')}"),

@@ -80,7 +80,8 @@ def test_insert_or_replace_resetting_a_finished_run_is_caught(path):
     with pytest.raises(sqlite3.IntegrityError, match="a run is never replaced"):
         tamper(path, reset)
     tamper(path, "DROP TRIGGER runs_no_replace", reset)
-    refused(path, r"trigger runs_no_replace is missing \(dropped\)(.|\n)*run 1: steps_taken is 0, the hash chain says 3")
+    refused(path, r"trigger runs_no_replace is missing \(dropped\)(.|\n)*"
+                  r"run 1: steps_taken is 0, the hash chain says 3")
     tamper(path, TRIGGERS["runs_no_replace"])  # put back as it was: the rows still disagree with the chain
     refused(path, r"table runs: run 1: steps_taken is 0, the hash chain says 3")
 
@@ -110,8 +111,9 @@ def test_drop_table_runs_is_caught(path):
 def test_a_ledger_truncated_to_zero_bytes_is_refused_not_recreated(path):
     path.write_bytes(b"")
     for create in (True, False):
-        with pytest.raises(LedgerIntegrityError, match=rf"Privacy ledger '{re.escape(str(path))}' is an empty file \(0 bytes\)\. "
-                                                       r"A ledger is never created empty, so this one was emptied"):
+        with pytest.raises(LedgerIntegrityError, match=rf"Privacy ledger '{re.escape(str(path))}' is an empty file "
+                                                       r"\(0 bytes\)\. A ledger is never created empty, so this one "
+                                                       r"was emptied"):
             PrivacyLedger(path, create=create)
     assert path.stat().st_size == 0
 
@@ -173,8 +175,9 @@ def test_a_consistently_rewritten_chain_passes_alone_but_not_against_a_copied_he
     con.close()
     led = PrivacyLedger(path, read_only=True)
     assert led.spent("ds").runs[0]["steps_taken"] == 0  # the file alone cannot tell
-    with pytest.raises(LedgerIntegrityError, match=rf"'{re.escape(str(path))}' does not hold the expected head {copied_head} in its "
-                                                   r"hash chain \(its head is \w+, after 4 events\): it was rewritten"):
+    with pytest.raises(LedgerIntegrityError, match=rf"'{re.escape(str(path))}' does not hold the expected head "
+                                                   rf"{copied_head} in its hash chain \(its head is \w+, after 4 "
+                                                   r"events\): it was rewritten"):
         led.verify(expect_head=copied_head)
 
 
@@ -197,8 +200,8 @@ def test_a_running_run_may_claim_steps_between_events_but_not_beyond_its_reserva
     run.claim_step()
     other = PrivacyLedger(path)  # another process's view: the claims are legitimate
     assert other.spent("ds").runs[1]["steps_taken"] == 1
-    tamper(path, "DROP TRIGGER runs_append_only", "UPDATE runs SET reserved_steps = 9, steps_taken = 7 WHERE run_id = 2",
-           TRIGGERS["runs_append_only"])
+    tamper(path, "DROP TRIGGER runs_append_only",
+           "UPDATE runs SET reserved_steps = 9, steps_taken = 7 WHERE run_id = 2", TRIGGERS["runs_append_only"])
     with pytest.raises(LedgerIntegrityError, match=r"run 2: reserved_steps is 9, the hash chain says 4"):
         other.spent("ds")
 

@@ -1,4 +1,4 @@
-"""What a training run writes to and reads from the privacy ledger: sampling, seeded noise, the chain's head, refusals."""
+"""What a training run records in the privacy ledger (sampling, seeded noise, the chain's head), and refusals."""
 
 from __future__ import annotations
 
