@@ -45,7 +45,8 @@ def _dim_at_least_one(attr: str) -> Callable[[nn.Module], str | None]:
         dim = getattr(m, attr)
         if isinstance(dim, int) and dim >= 1:
             return None
-        return f"{type(m).__name__}({attr}={dim!r}) works across dimension 0 (the rows) or may, for some inputs."
+        return (f"{type(m).__name__}({attr}={dim!r}) works across dimension 0 (the rows), or, with a negative "
+                "dimension, does for some input shapes.")
     return check
 
 
@@ -187,7 +188,6 @@ def find_row_mixing_modules(network: nn.Module, inferer: Any = None,
         offenders.append(("<inferer>", f"{type(inferer).__name__} is not known to call the network on the whole "
                           "batch without mixing rows.", "use SimpleInferer for training, or " + _MIX_FIX))
     return offenders
-
 
 
 def _declared_callable(obj: Any, extra: tuple[type, ...]) -> bool:
