@@ -193,12 +193,12 @@ class DistributedPoissonBatchSampler:
 
 
 def _rank_generator(sampling_seed: int | None, rank: int) -> torch.Generator:
-    gen = torch.Generator()
+    """This rank's sampling generator: from the OS's entropy (independent between ranks), or from the seed."""
+    from monai_dp.utils.randomness import private_generator
+
     if sampling_seed is None:
-        gen.seed()  # fresh OS entropy: independent between ranks
-    else:
-        gen.manual_seed(int(sampling_seed) * 1_000_003 + rank)
-    return gen
+        return private_generator("cpu")
+    return private_generator("cpu", (int(sampling_seed) * 1_000_003 + rank) % 2**64)
 
 
 def make_distributed_poisson_loader(loader: DataLoader, sample_rate: float, rank: int, world_size: int,

@@ -4,7 +4,8 @@ Two changes to Opacus, same update otherwise (tested against Opacus' own):
 
 - the noise is always drawn from the trainer's own generator (seeded from the operating system, see
   :mod:`monai_dp.utils.randomness`), never from torch's global generator, which ``set_determinism`` seeds;
-  ``secure_mode`` reseeds that generator from ``os.urandom`` before every step and sums four draws;
+  ``secure_mode`` draws it from a cryptographic stream (:class:`~monai_dp.utils.randomness.SecureGaussian`)
+  rekeyed from ``os.urandom`` before every step;
 - ``scale_grad`` and ``clip_and_accumulate`` are linear, not quadratic, in the number of parameter tensors.
 """
 
@@ -14,7 +15,7 @@ import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from monai_dp.utils.randomness import gaussian_noise, os_seed
+from monai_dp.utils.randomness import SecureGaussian, gaussian_noise
 
 __all__ = ["PrivateNoiseDPOptimizer", "PrivateNoiseDistributedDPOptimizer"]
 
@@ -36,11 +37,13 @@ class _PrivateNoiseMixin:
         if self.generator is None:
             raise RuntimeError("The DP optimizer needs a generator of its own; torch's global one is seedable.")
         if self.secure_mode:
-            self.generator.manual_seed(os_seed())
+            if not isinstance(self.generator, SecureGaussian):
+                raise RuntimeError("secure_mode needs a SecureGaussian noise source (a cryptographic stream).")
+            self.generator.reseed()
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = gaussian_noise(std, p.summed_grad, self.generator, self.secure_mode)
+            noise = gaussian_noise(std, p.summed_grad, self.generator)
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 

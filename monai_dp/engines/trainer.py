@@ -52,7 +52,7 @@ from monai_dp.utils.errors import (
     NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
-from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING, os_seed, private_generator
+from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING, SecureGaussian, os_seed, private_generator
 from monai_dp.utils.validation import check_choice, check_positive_int, error_message
 
 __all__ = ["DPSupervisedTrainer"]
@@ -222,7 +222,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer,
             noise_multiplier=self.privacy.noise_multiplier, max_grad_norm=settings.max_grad_norm,
             expected_batch_size=logical / world, loss_reduction="mean",
-            generator=private_generator(device, noise_seed), secure_mode=secure_mode,
+            generator=SecureGaussian() if secure_mode else private_generator(device, noise_seed),
+            secure_mode=secure_mode,
         )
         self.privacy.bind(mechanism=lambda: (self.optimizer.noise_multiplier, self._loader_sample_rate()),
                           digest=lambda: weights_digest(self.network, self.optimizer))
@@ -308,9 +309,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
             if not spec["poisson"]:
                 raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
                                                          spec["poisson"]))
-            seed = spec["sampling_seed"]
             return make_distributed_poisson_loader(loader, sample_rate, spec["rank"], spec["world"],
-                                                   os_seed() if seed is None else seed, dataset=units), "poisson"
+                                                   spec["sampling_seed"], dataset=units), "poisson"
         if spec["poisson"]:
             return make_poisson_loader(loader, sample_rate, generator=self._sampling_generator,
                                        dataset=units), "poisson"
@@ -544,6 +544,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         clip = self.optimizer.max_grad_norm
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         try:
+            self.ghost.check_row_independence(args[0])  # the one-time probe is not ghost clipping's step cost
             start = time.perf_counter()
             ghost_sum = self.ghost(*args, clip, self._amp_dtype)[0]
             sync()

@@ -10,6 +10,7 @@ from scipy import stats
 
 from monai_dp.audit.one_run import dirac_one_run_audit, one_run_epsilon, one_run_p_value
 from monai_dp.privacy import create_accountant
+from tests.audit.test_canary import drop_noise
 
 
 def test_p_value_is_the_binomial_tail_at_delta_zero_and_grows_with_delta():
@@ -51,10 +52,7 @@ def test_trainer_one_run_audit_respects_the_claimed_epsilon_and_catches_halved_n
 
 
 def test_trainer_one_run_audit_without_noise_reaches_the_cap():
-    def no_noise(trainer):
-        trainer.optimizer.noise_multiplier = 0.0
-
-    res = dirac_one_run_audit(m=200, steps=1, noise_multiplier=4.0, mutate=no_noise, seed=2)
+    res = dirac_one_run_audit(m=200, steps=1, noise_multiplier=4.0, mutate=drop_noise, seed=2)
     assert res["correct"] == res["guesses"] == 40
     q = 0.05 ** (1 / 40)
     assert res["epsilon_lower"] == pytest.approx(math.log(q / (1 - q)), rel=1e-4)

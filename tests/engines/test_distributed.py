@@ -40,7 +40,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         trainer.state.device = torch.device("cpu")
         trainer._iteration(trainer, batch)
         torch.save({"initial": initial, "final": [p.detach() for p in trainer.network.parameters()],
-                    "steps": trainer.dp_steps}, f"{out}/rank{rank}.pt")
+                    "steps": trainer.dp_steps,
+                    "sampling_seed": trainer.data_loader.batch_sampler.generator.initial_seed(),
+                    "global_seed": torch.initial_seed()}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -58,6 +60,9 @@ def test_two_process_step_equals_single_process_reference(tmp_path):
         torch.testing.assert_close(a, b)  # rank 0's weights were broadcast
     for a, b in zip(r0["final"], r1["final"]):
         torch.testing.assert_close(a, b)  # the same update on every rank
+    # every rank samples from a generator of its own, seeded from the OS: not from the global seed, not shared
+    assert r0["sampling_seed"] != r1["sampling_seed"]
+    assert {r0["sampling_seed"], r1["sampling_seed"]}.isdisjoint({r0["global_seed"], r1["global_seed"]})
     assert r0["steps"] == r1["steps"] == 1
     # reference: one process, all 7 rows, expected batch size 4 (q N), noise drawn once from the same seed
     from monai_dp.networks import make_private_compatible
