@@ -86,7 +86,7 @@ class PrivacyLedgerHandler:
     ``COMPLETED`` the run is closed as ``finished`` (or ``stopped`` when a budget ended it) and the head of the
     ledger's hash chain is put in ``engine.privacy.ledger_info["head"]`` (and so in the run report: a copy to
     check the ledger against later); on an exception the trainer closes it as ``failed``. The run records the
-    sampling used (``engine.privacy.sampling``) and whether the noise was seeded (``engine.privacy.noise_seed``).
+    sampling used (``engine.privacy.sampling``) and whether the noise or the sampling was seeded (``engine.privacy.reproducible``).
     The trainer attaches this handler itself when given ``ledger=``.
 
     Args:
@@ -130,7 +130,7 @@ class PrivacyLedgerHandler:
                                        planned_steps=max(remaining, 1), unit=priv.unit,
                                        group_size=self._group_size(ledger, dataset_id, priv), note=self.note,
                                        sampling=str(priv.sampling),
-                                       noise_seeded=getattr(priv, "noise_seed", None) is not None)
+                                       noise_seeded=bool(getattr(priv, "reproducible", False)))
             except Exception as err:
                 failure = err
         if world > 1:

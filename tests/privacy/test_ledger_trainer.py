@@ -28,14 +28,17 @@ def test_the_run_records_its_sampling_and_seeded_noise_and_the_report_holds_the_
     seeded.run()
     fresh = _trainer(str(path))
     fresh.run()
+    third = _trainer(str(path), sampling_seed=3)  # replayable sampling is recorded the same way
+    third.run()
     led = PrivacyLedger(path, read_only=True)
     runs = led.spent(seeded.privacy.dataset_id).runs
     assert [(r["sampling"], r["noise_seeded"]) for r in runs] == [(seeded.privacy.sampling, 1),
-                                                                   (fresh.privacy.sampling, 0)]
+                                                                   (fresh.privacy.sampling, 0), ("poisson", 1)]
     assert seeded.privacy.sampling == "poisson"
     assert "run 1: reproducible noise: not private against someone who knows the seed" in led.format_account()
     report_head = json.loads((tmp_path / "report.json").read_text())["ledger"]["head"]
-    assert report_head == seeded.privacy.ledger_info["head"] != fresh.privacy.ledger_info["head"] == led.head()
+    assert report_head == seeded.privacy.ledger_info["head"] != fresh.privacy.ledger_info["head"] != led.head()
+    assert third.privacy.ledger_info["head"] == led.head()
     assert led.verify(expect_head=report_head).expected_at == 4  # genesis, dataset, start and end of run 1
 
 
