@@ -243,11 +243,6 @@ class PrivacyState:
                 setattr(self, key, int(state[key]))
                 logger.warning("Resumed accounting includes steps with a fixed %s=%d: %s.", key, state[key],
                                REPRODUCIBLE_NOISE_WARNING)
-
-    @property
-    def reproducible(self) -> bool:
-        """Whether noise or sampling came from a given seed (then not private against whoever knows it)."""
-        return self.noise_seed is not None or self.sampling_seed is not None
         if state.get("sampling", "poisson") != "poisson" and self.sampling == "poisson":
             self.sampling = str(state["sampling"])
             logger.warning("Resumed accounting includes steps taken without Poisson sampling.")
@@ -255,6 +250,11 @@ class PrivacyState:
         self._eps_cache = None
         if self._rewind is not None:
             self.check_not_rewound(strict=False)
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether noise or sampling came from a given seed (then not private against whoever knows it)."""
+        return self.noise_seed is not None or self.sampling_seed is not None
 
     def check_not_rewound(self, strict: bool = True) -> None:
         """Raise if an older history was loaded while the weights are not that checkpoint's (see load)."""

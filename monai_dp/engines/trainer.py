@@ -27,21 +27,21 @@ from monai_dp.data import (
     loader_batch_size,
     make_poisson_loader,
 )
-from monai_dp.data.patients import (
-    PatientDataset,
-    PatientIdError,
-    normalize_patient_ids,
-    patient_ids_of,
-    records_per_patient_summary,
-)
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.digest import weights_digest
 from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
 from monai_dp.engines.privacy_state import PrivacyState
+from monai_dp.engines.setup import (
+    broadcast_parameters,
+    dist_rank_world,
+    ghost_clipping,
+    item_chunks,
+    records_fingerprint,
+    sampling_units,
+)
 from monai_dp.losses import check_per_sample_loss, check_targets
 from monai_dp.networks import (
-    GhostClipping,
     PerSampleGradients,
     find_incompatible_modules,
     make_private_compatible,
@@ -168,7 +168,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         network = self._prepare_network(network, make_compatible)
 
         unit = check_choice("privacy_unit", privacy_unit, PRIVACY_UNITS)
-        units, patients = _sampling_units(train_data_loader, unit, patient_key, patient_ids, max_records_per_patient)
+        units, patients = sampling_units(train_data_loader, unit, patient_key, patient_ids, max_records_per_patient)
         num_items = dataset_length(train_data_loader) if units is None else len(units)
         batch_size = loader_batch_size(train_data_loader)
         logical = batch_size * accumulation_steps
@@ -182,7 +182,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             raise ValueError(error_message("batch_size * accumulation_steps", f"<= the number of {unit}s N = {num_items}",
                                            logical, "Lower the batch size."))
         sample_rate = logical / num_items
-        rank, world = _dist_rank_world()
+        rank, world = dist_rank_world()
         if secure_mode and (noise_seed is not None or sampling_seed is not None):
             raise DPConfigurationError(error_message(
                 "noise_seed" if noise_seed is not None else "sampling_seed", "None with secure_mode=True",
@@ -204,7 +204,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling, unit=unit,
         )
         self.privacy.patients = patients
-        self._records_fingerprint = _fingerprint(train_data_loader, patient_key)
+        self._records_fingerprint = records_fingerprint(train_data_loader, patient_key)
         self.privacy.dataset_id = dataset_id if dataset_id is not None else self._records_fingerprint
         self.privacy.noise_seed = None if noise_seed is None else int(noise_seed)
         self.privacy.sampling_seed = None if sampling_seed is None else int(sampling_seed)
@@ -216,7 +216,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.dp_network_params = self._trainable_in_optimizer(network, optimizer)
         opt_cls = PrivateNoiseDistributedDPOptimizer if world > 1 else PrivateNoiseDPOptimizer
         if world > 1:
-            _broadcast_parameters(network)
+            broadcast_parameters(network)
         # per process: each rank divides by its expected share; the all-reduce then averages over ranks
         dp_optimizer = opt_cls(
             optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer,
@@ -229,7 +229,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
                           digest=lambda: weights_digest(self.network, self.optimizer))
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
         self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
-        self.ghost = _ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
+        self.ghost = ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
         self._mode_chosen = False
         self._pred_layout: torch.Tensor | None = None
 
@@ -339,9 +339,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
             raise TypeError(error_message("data", "a torch DataLoader over the training set", type(data).__name__,
                                           "DP training samples the loader's dataset itself (Poisson sampling)."))
         spec, priv = self._loader_spec, self.privacy
-        units, _ = _sampling_units(data, spec["unit"], spec["patient_key"], spec["patient_ids"], spec["max_records"])
+        units, _ = sampling_units(data, spec["unit"], spec["patient_key"], spec["patient_ids"], spec["max_records"])
         n = dataset_length(data) if units is None else len(units)
-        fingerprint = _fingerprint(data, spec["patient_key"])
+        fingerprint = records_fingerprint(data, spec["patient_key"])
         if n != priv.num_units or (fingerprint and self._records_fingerprint and fingerprint != self._records_fingerprint):
             raise DPConfigurationError(error_message(
                 "data", f"a loader over this trainer's training set ({priv.num_units} {priv.unit}s"
@@ -485,7 +485,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         inputs, targets, groups = engine._unpack(batchdata)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         num_items = int(groups.max().item()) + 1
-        chunks = _item_chunks(groups, num_items, engine.physical_batch_size or num_items)
+        chunks = item_chunks(groups, num_items, engine.physical_batch_size or num_items)
         losses, preds = [], []
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         y = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
@@ -703,91 +703,3 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self._noisy_step()
         self.logger.debug("Empty Poisson batch: took a noise-only step.")
         return self.state.output
-
-
-def _ghost_clipping(network: torch.nn.Module, loss_function: Callable, inferer: Any, mode: str):
-    """``GhostClipping`` for ``"ghost"`` (raising on unsupported layers) and, where supported, for ``"auto"``."""
-    if mode == "per_sample":
-        return None
-    try:
-        return GhostClipping(network, loss_function, inferer)
-    except DPIncompatibleModuleError as err:
-        if mode == "ghost":
-            raise
-        logger.info("Per-sample gradients (ghost clipping does not support: %s).", str(err).splitlines()[0][:200])
-        return None
-
-
-def _sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Sequence | None,
-                    max_records_per_patient: int | None) -> tuple[PatientDataset | None, dict | None]:
-    """The patient-level dataset to sample (``None`` at record level) and the records-per-patient summary.
-
-    At record level the summary is still computed when the records carry patient ids, so the report can
-    state the (weaker) patient-level guarantee that the record-level run implies.
-    """
-    dataset = loader.dataset if isinstance(loader, DataLoader) else None
-    if unit == "record":
-        if max_records_per_patient is not None:
-            raise ValueError(error_message("max_records_per_patient", "None with privacy_unit='record'",
-                                           max_records_per_patient, "Use privacy_unit='patient'."))
-        try:
-            ids = normalize_patient_ids(patient_ids) if patient_ids is not None else None
-            if ids is None and dataset is not None:
-                try:
-                    ids = patient_ids_of(dataset, patient_key)
-                except PatientIdError:
-                    raise
-                except ValueError:  # no patient ids: nothing to say about patients
-                    ids = None
-        except PatientIdError as err:
-            logger.warning("The records' patient ids are ambiguous (%s); the report states no patient-level "
-                           "guarantee. Fix the ids to get it.", err)
-            ids = None
-        return None, (records_per_patient_summary(ids) if ids else None)
-    ids = normalize_patient_ids(patient_ids) if patient_ids is not None else patient_ids_of(dataset, patient_key)
-    units = PatientDataset(dataset, ids, max_records_per_patient)
-    summary = records_per_patient_summary(ids)
-    logger.info("Patient-level DP: %d records of %d patients (records per patient: median %.3g, max %d)%s.",
-                summary["num_records"], summary["num_patients"], summary["median"], summary["max"],
-                "" if max_records_per_patient is None else f"; at most {max_records_per_patient} per patient per step")
-    return units, summary
-
-
-def _fingerprint(loader: Any, patient_key: str) -> str | None:
-    """Fingerprint of the training records' identifiers (``None`` when the dataset has no record list)."""
-    records = getattr(getattr(loader, "dataset", None), "data", None)
-    if not isinstance(records, (list, tuple)) or not records:
-        return None
-    from monai_dp.privacy.fingerprint import dataset_fingerprint
-
-    try:
-        return dataset_fingerprint(records, keys=(patient_key, "image", "label"))
-    except (TypeError, ValueError) as err:
-        logger.warning("Could not fingerprint the training records (%s); pass `dataset_id`.", err)
-        return None
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast_parameters(network: torch.nn.Module) -> None:
-    """Start every rank from rank 0's weights (each rank steps its own copy with the same all-reduced update)."""
-    with torch.no_grad():
-        for p in network.parameters():
-            torch.distributed.broadcast(p.data, src=0)
-        for b in network.buffers():
-            torch.distributed.broadcast(b, src=0)
-
-
-def _item_chunks(groups: torch.Tensor, num_items: int, size: int) -> list[tuple[int, int, int, int]]:
-    """Split items ``0..num_items-1`` into runs of at most ``size`` items: ``(first, last_excl, row0, row1)``.
-
-    Rows of one item are contiguous (collation keeps them together), so each run is a row range.
-    """
-    if groups.numel() > 1 and bool((groups[1:] < groups[:-1]).any()):
-        raise RuntimeError("`dp_group` must be non-decreasing: rows of one item must be contiguous.")
-    bounds = torch.searchsorted(groups.cpu(), torch.arange(0, num_items + 1, dtype=torch.long)).tolist()
-    return [(s, min(s + size, num_items), bounds[s], bounds[min(s + size, num_items)]) for s in range(0, num_items, size)]

@@ -421,3 +421,17 @@ def test_ambiguous_patient_ids_are_refused_at_patient_level():
     ids[3] = "1.0"  # patient 1 spelled a second way: one patient would be sampled (and clipped) as two
     with pytest.raises(ValueError, match=r"`patient_ids` must spell each patient id one way, got 1 \(record 2\) and '1.0' \(record 3\)"):
         _trainer(data=make_classification_data(n=12), privacy_unit="patient", batch_size=2, patient_ids=ids)
+
+
+def test_a_loaded_history_is_what_the_next_budget_check_uses():
+    """The budget check's cached step limit must not survive a load: the loaded history may spend faster."""
+    spender = _trainer(noise_multiplier=0.6, max_epochs=3)
+    spender.run()  # 30 steps at σ = 0.6
+    assert spender.get_epsilon() > 3.0
+    capped = _trainer(noise_multiplier=2.0, target_epsilon=3.0, max_epochs=3)
+    assert capped.privacy.allows_step()  # caches the limit for σ = 2 from zero steps
+    capped.load_state_dict(spender.state_dict())
+    assert capped.dp_steps == 30
+    assert not capped.privacy.allows_step()
+    capped.run()
+    assert capped.dp_steps == 30 and capped.state.dp_budget_exhausted

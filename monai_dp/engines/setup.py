@@ -1,0 +1,115 @@
+"""Construction helpers of :class:`~monai_dp.engines.DPSupervisedTrainer`: sampling units, fingerprints,
+processes, physical chunks of a logical batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from monai_dp.data.patients import (
+    PatientDataset,
+    PatientIdError,
+    normalize_patient_ids,
+    patient_ids_of,
+    records_per_patient_summary,
+)
+from monai_dp.networks import GhostClipping
+from monai_dp.utils.errors import DPIncompatibleModuleError
+from monai_dp.utils.validation import error_message
+
+__all__ = ["broadcast_parameters", "dist_rank_world", "ghost_clipping", "item_chunks", "records_fingerprint",
+           "sampling_units"]
+
+logger = logging.getLogger("monai_dp.engines.trainer")
+
+
+def ghost_clipping(network: torch.nn.Module, loss_function: Callable, inferer: Any, mode: str):
+    """``GhostClipping`` for ``"ghost"`` (raising on unsupported layers) and, where supported, for ``"auto"``."""
+    if mode == "per_sample":
+        return None
+    try:
+        return GhostClipping(network, loss_function, inferer)
+    except DPIncompatibleModuleError as err:
+        if mode == "ghost":
+            raise
+        logger.info("Per-sample gradients (ghost clipping does not support: %s).", str(err).splitlines()[0][:200])
+        return None
+
+
+def sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Sequence | None,
+                    max_records_per_patient: int | None) -> tuple[PatientDataset | None, dict | None]:
+    """The patient-level dataset to sample (``None`` at record level) and the records-per-patient summary.
+
+    At record level the summary is still computed when the records carry patient ids, so the report can
+    state the (weaker) patient-level guarantee that the record-level run implies.
+    """
+    dataset = loader.dataset if isinstance(loader, DataLoader) else None
+    if unit == "record":
+        if max_records_per_patient is not None:
+            raise ValueError(error_message("max_records_per_patient", "None with privacy_unit='record'",
+                                           max_records_per_patient, "Use privacy_unit='patient'."))
+        try:
+            ids = normalize_patient_ids(patient_ids) if patient_ids is not None else None
+            if ids is None and dataset is not None:
+                try:
+                    ids = patient_ids_of(dataset, patient_key)
+                except PatientIdError:
+                    raise
+                except ValueError:  # no patient ids: nothing to say about patients
+                    ids = None
+        except PatientIdError as err:
+            logger.warning("The records' patient ids are ambiguous (%s); the report states no patient-level "
+                           "guarantee. Fix the ids to get it.", err)
+            ids = None
+        return None, (records_per_patient_summary(ids) if ids else None)
+    ids = normalize_patient_ids(patient_ids) if patient_ids is not None else patient_ids_of(dataset, patient_key)
+    units = PatientDataset(dataset, ids, max_records_per_patient)
+    summary = records_per_patient_summary(ids)
+    logger.info("Patient-level DP: %d records of %d patients (records per patient: median %.3g, max %d)%s.",
+                summary["num_records"], summary["num_patients"], summary["median"], summary["max"],
+                "" if max_records_per_patient is None else f"; at most {max_records_per_patient} per patient per step")
+    return units, summary
+
+
+def records_fingerprint(loader: Any, patient_key: str) -> str | None:
+    """Fingerprint of the training records' identifiers (``None`` when the dataset has no record list)."""
+    records = getattr(getattr(loader, "dataset", None), "data", None)
+    if not isinstance(records, (list, tuple)) or not records:
+        return None
+    from monai_dp.privacy.fingerprint import dataset_fingerprint
+
+    try:
+        return dataset_fingerprint(records, keys=(patient_key, "image", "label"))
+    except (TypeError, ValueError) as err:
+        logger.warning("Could not fingerprint the training records (%s); pass `dataset_id`.", err)
+        return None
+
+
+def dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def broadcast_parameters(network: torch.nn.Module) -> None:
+    """Start every rank from rank 0's weights (each rank steps its own copy with the same all-reduced update)."""
+    with torch.no_grad():
+        for p in network.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+        for b in network.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+def item_chunks(groups: torch.Tensor, num_items: int, size: int) -> list[tuple[int, int, int, int]]:
+    """Split items ``0..num_items-1`` into runs of at most ``size`` items: ``(first, last_excl, row0, row1)``.
+
+    Rows of one item are contiguous (collation keeps them together), so each run is a row range.
+    """
+    if groups.numel() > 1 and bool((groups[1:] < groups[:-1]).any()):
+        raise RuntimeError("`dp_group` must be non-decreasing: rows of one item must be contiguous.")
+    bounds = torch.searchsorted(groups.cpu(), torch.arange(0, num_items + 1, dtype=torch.long)).tolist()
+    return [(s, min(s + size, num_items), bounds[s], bounds[min(s + size, num_items)]) for s in range(0, num_items, size)]
