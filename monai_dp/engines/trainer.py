@@ -225,7 +225,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             generator=SecureGaussian() if secure_mode else private_generator(device, noise_seed),
             secure_mode=secure_mode,
         )
-        self.privacy.bind(mechanism=lambda: (self.optimizer.noise_multiplier, self._loader_sample_rate()),
+        self.privacy.bind(mechanism=self._current_mechanism,
                           digest=lambda: weights_digest(self.network, self.optimizer))
         self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
         self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
@@ -367,6 +367,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
         """Ignite's ``set_data``, with ``data`` rebuilt with Poisson sampling over the same training set."""
         self.data_loader = data
         super().set_data(self._dp_loader)
+
+    def _current_mechanism(self) -> tuple[float, float]:
+        """(σ, q) in force: the DP optimizer's noise multiplier and the sampler's rate."""
+        if not isinstance(self.optimizer, (PrivateNoiseDPOptimizer, PrivateNoiseDistributedDPOptimizer)):
+            raise DPConfigurationError(error_message(
+                "trainer.optimizer", "the DP optimizer the trainer built", type(self.optimizer).__name__,
+                "An optimizer swapped in after construction neither clips nor adds noise; build a new trainer."))
+        return self.optimizer.noise_multiplier, self._loader_sample_rate()
 
     def _loader_sample_rate(self) -> float:
         """q of the loader being iterated (its Poisson sampler's rate; the planned q for a non-Poisson loader)."""

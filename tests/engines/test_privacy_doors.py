@@ -435,3 +435,12 @@ def test_a_loaded_history_is_what_the_next_budget_check_uses():
     assert not capped.privacy.allows_step()
     capped.run()
     assert capped.dp_steps == 30 and capped.state.dp_budget_exhausted
+
+
+def test_an_optimizer_swapped_in_after_construction_is_refused():
+    trainer = _trainer()
+    before = _weights(trainer)
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.1)
+    with pytest.raises(DPConfigurationError, match=r"`trainer.optimizer` must be the DP optimizer the trainer built"):
+        trainer.run()
+    assert torch.equal(_weights(trainer), before) and trainer.dp_steps == 0  # refused before the batch is used
