@@ -5,17 +5,21 @@ from .errors import (
     NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
+from .distributed import rank_world
+from .keys import DPKeys
 from .validation import (
     check_choice,
     check_non_negative,
     check_open_unit_interval,
     check_positive,
     check_positive_int,
+    check_sample_rate,
     check_type,
     error_message,
 )
 
 __all__ = [
+    "DPKeys",
     "DPConfigurationError",
     "DPIncompatibleModuleError",
     "DatasetError",
@@ -26,6 +30,8 @@ __all__ = [
     "check_open_unit_interval",
     "check_positive",
     "check_positive_int",
+    "check_sample_rate",
     "check_type",
     "error_message",
+    "rank_world",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "check_open_unit_interval",
     "check_positive",
     "check_positive_int",
+    "check_sample_rate",
     "check_type",
     "error_message",
     "is_integer",
@@ -75,6 +76,18 @@ def check_open_unit_interval(name: str, value: Any, fix: str | None = None) -> f
         raise TypeError(error_message(name, "a number", type(value).__name__, fix))
     if not (0 < value < 1):
         raise ValueError(error_message(name, "in (0, 1)", value, fix))
+    return float(value)
+
+
+def check_sample_rate(value: Any, name: str = "sample_rate", fix: str | None = None) -> float:
+    """Return ``float(value)`` if it is a Poisson sample rate: a number with 0 < value <= 1.
+
+    Raises ``TypeError`` for a non-number (bools too) and ``ValueError`` otherwise (NaN too), naming ``name``.
+    """
+    if not is_real(value):
+        raise TypeError(error_message(name, "a number", type(value).__name__, fix))
+    if not 0 < value <= 1:
+        raise ValueError(error_message(name, "in (0, 1]", value, fix))
     return float(value)
 
 

@@ -12,6 +12,7 @@ from monai_dp.utils.validation import (
     check_open_unit_interval,
     check_positive,
     check_positive_int,
+    check_sample_rate,
     error_message,
     is_integer,
     is_real,
@@ -65,3 +66,21 @@ def test_positive_int_takes_numpy_ints_and_refuses_bools_and_floats():
         check_positive_int("n", 4.0)
     with pytest.raises(ValueError, match=r"`n` must be an int >= 1, got 0"):
         check_positive_int("n", np.int64(0))
+
+
+@pytest.mark.parametrize("value", [1, 1.0, 0.5, np.float32(0.25), 1e-9])
+def test_sample_rate_accepts_the_half_open_unit_interval(value):
+    out = check_sample_rate(value)
+    assert type(out) is float and out == float(value)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.0000001, 2, float("nan"), float("inf")])
+def test_sample_rate_outside_zero_one_is_refused_with_its_value(value):
+    with pytest.raises(ValueError, match=r"^`sampler.sample_rate` must be in \(0, 1\], got .*\. Lower it\.$"):
+        check_sample_rate(value, "sampler.sample_rate", "Lower it.")
+
+
+@pytest.mark.parametrize("value", [True, "0.5", None])
+def test_sample_rate_must_be_a_number(value):
+    with pytest.raises(TypeError, match=rf"^`sample_rate` must be a number, got '{type(value).__name__}'\.$"):
+        check_sample_rate(value)
