@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 from torch.utils.data.distributed import DistributedSampler
 
 from monai_dp.data.collate import DPCollate
-from monai_dp.utils.validation import error_message
+from monai_dp.utils.validation import check_sample_rate, error_message
 
 __all__ = [
     "DistributedPoissonBatchSampler",
@@ -151,8 +151,7 @@ def make_poisson_loader(
     """
     check_loader_sampling(loader)
     n = dataset_length(loader) if dataset is None else len(dataset)
-    if not 0 < sample_rate <= 1:
-        raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
+    sample_rate = check_sample_rate(sample_rate, fix="Lower the batch size.")
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator)
     return rebuild_loader(loader, sampler, dataset)
 
@@ -206,7 +205,6 @@ def make_distributed_poisson_loader(loader: DataLoader, sample_rate: float, rank
     """Rebuild ``loader`` with :class:`DistributedPoissonBatchSampler` for this rank (``dataset``: see above)."""
     check_loader_sampling(loader)
     n = dataset_length(loader) if dataset is None else len(dataset)
-    if not 0 < sample_rate <= 1:
-        raise ValueError(error_message("sample_rate", "in (0, 1]", sample_rate, "Lower the batch size."))
+    sample_rate = check_sample_rate(sample_rate, fix="Lower the batch size.")
     sampler = DistributedPoissonBatchSampler(n, sample_rate, rank, world_size, _rank_generator(sampling_seed, rank))
     return rebuild_loader(loader, sampler, dataset)

@@ -1,5 +1,11 @@
 """A stable identifier of a data set, from the identifiers of its records (for the privacy ledger).
 
+**The policy**: a data set's default id is :func:`dataset_fingerprint_of_records` of the *training* records
+(the records the sampler draws from, which the ledger charges), with the identifying keys ``(patient_key,
+"image", "label")``. The trainer, ``monai-dp ledger fingerprint`` and the bundles all call that one function,
+so the same training list gets the same id wherever it is computed. Validation and test records are not part
+of it: they are not what the budget protects, and a split that changes does not change the charged data set.
+
 :func:`dataset_fingerprint` hashes, for every record, the values of its identifying keys (patient id, image
 path or array, label) and sorts the per-record digests, so the id does not depend on record order. It changes
 when a record is added, removed or changed. Paths are hashed as given: a datalist whose paths are rewritten
@@ -20,9 +26,11 @@ import numpy as np
 
 from monai_dp.utils.validation import error_message
 
-__all__ = ["DEFAULT_KEYS", "dataset_fingerprint"]
+__all__ = ["DEFAULT_KEYS", "DEFAULT_PATIENT_KEY", "dataset_fingerprint", "dataset_fingerprint_of_records",
+           "identifying_keys"]
 
-DEFAULT_KEYS = ("patient_id", "image", "label")
+DEFAULT_PATIENT_KEY = "patient_id"
+DEFAULT_KEYS = (DEFAULT_PATIENT_KEY, "image", "label")
 _VERSION = "monai_dp-fingerprint-v1"
 
 
@@ -86,3 +94,21 @@ def dataset_fingerprint(records: Sequence[Mapping], keys: Sequence[str] = DEFAUL
     digests.sort()
     total = hashlib.sha256("\n".join([_VERSION, *keys, *digests]).encode()).hexdigest()
     return f"sha256:{total[:16]}"
+
+
+def identifying_keys(patient_key: str = DEFAULT_PATIENT_KEY) -> tuple[str, str, str]:
+    """The keys that identify a record: ``(patient_key, "image", "label")``."""
+    if not isinstance(patient_key, str):
+        raise TypeError(error_message("patient_key", "a str", type(patient_key).__name__))
+    if not patient_key:
+        raise ValueError(error_message("patient_key", "a non-empty str", patient_key))
+    return (patient_key, "image", "label")
+
+
+def dataset_fingerprint_of_records(records: Sequence[Mapping], patient_key: str = DEFAULT_PATIENT_KEY) -> str:
+    """The default dataset id: :func:`dataset_fingerprint` of the **training** records by :func:`identifying_keys`.
+
+    Pass the records the trainer samples from (the ``"training"`` list of a datalist), not all splits. Every
+    caller (trainer, ``monai-dp ledger fingerprint``, bundles) uses this function, so one training list has one id.
+    """
+    return dataset_fingerprint(records, keys=identifying_keys(patient_key))
