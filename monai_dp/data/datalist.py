@@ -28,10 +28,10 @@ _NUM_CLASSES_FIX = "Set `num_classes` to the number of classes."
 
 def load_datalist(dataset_dir: str | os.PathLike, task: str, num_classes: int, spatial_dims: int,
                   val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
-                  check: str = "header") -> dict[str, list[dict]]:
+                  check: str = "header", patient_key: str = "patient_id") -> dict[str, list[dict]]:
     """Read and check a data set; return ``{"training", "validation", "test"}`` lists of records.
 
-    A ``dataset.json`` record is ``{"image": path, "label": path or int[, "patient_id": str]}`` with absolute
+    A ``dataset.json`` record is ``{"image": path, "label": path or int[, patient_key: str]}`` with absolute
     paths (NIfTI, PNG, DICOM file or DICOM series folder); a ``.npz`` record holds a float32 channel-first
     ``"image"`` array (uint8 sources scaled to [0, 1]) and an int ``"label"``.
 
@@ -40,12 +40,14 @@ def load_datalist(dataset_dir: str | os.PathLike, task: str, num_classes: int, s
         task: ``"classification"`` (int labels) or ``"segmentation"`` (label masks).
         num_classes: labels must lie in ``[0, num_classes)``.
         spatial_dims: 2 or 3; every image must have that many spatial dimensions.
-        val_fraction: share of the training units (patients when records carry ``patient_id``, else records)
+        val_fraction: share of the training units (patients when records carry ``patient_key``, else records)
             moved to ``"validation"`` when ``dataset.json`` has no such list.
         test_fraction: likewise for ``"test"``; with 0 and no ``"test"`` list, ``"test"`` is empty.
         seed: seed of those splits.
         check: ``"header"`` reads every file's header, ``"full"`` decodes every file, ``"none"`` checks only
             that the files exist (and the class labels).
+        patient_key: the record key holding the patient id (the trainer's ``patient_key``); its values are
+            normalised over all splits, and the splits above never separate one patient's records.
 
     Raises:
         DatasetError: naming the file (and split and record index) for missing, unreadable or corrupt files,
@@ -53,6 +55,10 @@ def load_datalist(dataset_dir: str | os.PathLike, task: str, num_classes: int, s
     """
     task = check_choice("task", task, ("classification", "segmentation"))
     check = check_choice("check", check, ("header", "full", "none"))
+    if not isinstance(patient_key, str):
+        raise TypeError(error_message("patient_key", "a str", type(patient_key).__name__))
+    if not patient_key:
+        raise ValueError(error_message("patient_key", "a non-empty str", patient_key))
     _check_int("spatial_dims", spatial_dims, "2 or 3", lambda v: v in (2, 3))
     _check_int("num_classes", num_classes, "an int >= 2", lambda v: v >= 2)
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -74,7 +80,8 @@ def load_datalist(dataset_dir: str | os.PathLike, task: str, num_classes: int, s
         splits, source = _load_npz(npz, num_classes, spatial_dims), npz
     else:
         source = path / "dataset.json"
-        splits = _load_json(path, task, num_classes, spatial_dims, val_fraction, test_fraction, seed, check)
+        splits = _load_json(path, task, num_classes, spatial_dims, val_fraction, test_fraction, seed, check,
+                            patient_key)
     for name in SPLITS:
         if not splits[name] and (name != "test" or npz is not None or test_fraction > 0):
             raise DatasetError(f"{source}: the {name} split is empty; add records or lower the split fractions.")
@@ -159,7 +166,7 @@ def _npz_labels(labels: np.ndarray, n: int, num_classes: int, where: str) -> lis
 
 # ---------------------------------------------------------------------------------------------- dataset.json
 def _load_json(folder: Path, task: str, num_classes: int, spatial_dims: int, val_fraction: float,
-               test_fraction: float, seed: int, check: str) -> dict[str, list[dict]]:
+               test_fraction: float, seed: int, check: str, patient_key: str) -> dict[str, list[dict]]:
     spec_path = folder / "dataset.json"
     try:
         spec = json.loads(spec_path.read_text())
@@ -180,29 +187,29 @@ def _load_json(folder: Path, task: str, num_classes: int, spatial_dims: int, val
             rec = _record(folder, raw, where, name == "test", task, num_classes)
             _check_record(rec, where, task, spatial_dims, check)
             splits[name].append(rec)
-    _normalize_ids(splits, spec_path)
+    _normalize_ids(splits, spec_path, patient_key)
     fractions = {}
     if "test" not in spec and test_fraction > 0:
         fractions["test"] = test_fraction
     if "validation" not in spec and val_fraction > 0:
         fractions["validation"] = val_fraction
     if fractions:
-        splits.update(_split(splits["training"], fractions, random.Random(seed)))
+        splits.update(_split(splits["training"], fractions, random.Random(seed), patient_key))
     return splits
 
 
-def _normalize_ids(splits: dict[str, list[dict]], spec_path: Any) -> None:
+def _normalize_ids(splits: dict[str, list[dict]], spec_path: Any, patient_key: str) -> None:
     """Patient ids by :func:`~monai_dp.data.patients.normalize_patient_ids`, over all splits at once: one
     patient spelled two ways (``3`` and ``'3.0'``) is refused, never split between training and validation."""
     from monai_dp.data.patients import normalize_patient_ids
 
-    where = [(name, i) for name in SPLITS for i, r in enumerate(splits[name]) if "patient_id" in r]
+    where = [(name, i) for name in SPLITS for i, r in enumerate(splits[name]) if patient_key in r]
     if not where:
         return
-    ids = normalize_patient_ids([splits[n][i]["patient_id"] for n, i in where], name="patient_id",
+    ids = normalize_patient_ids([splits[n][i][patient_key] for n, i in where], name=patient_key,
                                 item_name=f"{spec_path} record {{i}} (counting training, validation, test)")
     for (name, i), pid in zip(where, ids):
-        splits[name][i]["patient_id"] = pid
+        splits[name][i][patient_key] = pid
 
 
 def _record(folder: Path, raw: Any, where: str, is_test: bool, task: str, num_classes: int) -> dict:
@@ -232,9 +239,10 @@ def _resolve(folder: Path, value: Any, where: str, key: str) -> str:
     return str(path.resolve())
 
 
-def _split(records: list[dict], fractions: dict[str, float], rng: random.Random) -> dict[str, list[dict]]:
-    """Move ``fractions[name]`` of the units (patients, or records without ``patient_id``) to split ``name``."""
-    keys = [("patient", r["patient_id"]) if "patient_id" in r else ("record", str(i)) for i, r in enumerate(records)]
+def _split(records: list[dict], fractions: dict[str, float], rng: random.Random,
+           patient_key: str) -> dict[str, list[dict]]:
+    """Move ``fractions[name]`` of the units (patients, or records without ``patient_key``) to split ``name``."""
+    keys = [("patient", r[patient_key]) if patient_key in r else ("record", str(i)) for i, r in enumerate(records)]
     units = sorted(set(keys))
     rng.shuffle(units)
     assign, start = {}, 0

@@ -55,6 +55,27 @@ def test_split_by_patient_keeps_patients_whole_and_is_seeded(tmp_path):
     assert {r["patient_id"] for r in other["test"]} != ids["test"]
 
 
+def test_patient_key_names_the_patient_id(tmp_path):
+    """Ids under another key: split by patient and normalised under that key, as the trainer's `patient_key`."""
+    root = _seg_set(tmp_path, n=30)
+    spec = json.loads((root / "dataset.json").read_text())
+    for r in spec["training"]:
+        r["case"] = r.pop("patient_id")
+    (root / "dataset.json").write_text(json.dumps(spec))
+    splits = load_datalist(root, "segmentation", 2, 3, val_fraction=0.2, test_fraction=0.2, seed=1, patient_key="case")
+    ids = {k: {r["case"] for r in v} for k, v in splits.items()}
+    assert [len(ids[k]) for k in ("training", "validation", "test")] == [6, 2, 2]  # of 10 patients, kept whole
+    assert not (ids["training"] & ids["validation"] or ids["training"] & ids["test"] or ids["validation"] & ids["test"])
+    assert all(isinstance(p, str) for p in ids["training"])  # normalised
+    by_record = load_datalist(root, "segmentation", 2, 3, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert [len(by_record[k]) for k in ("training", "validation", "test")] == [18, 6, 6]  # the default key is absent
+    assert all(isinstance(r["case"], int) for r in by_record["training"])  # not read as a patient id
+    with pytest.raises(TypeError, match=r"`patient_key` must be a str, got 'NoneType'\."):
+        load_datalist(root, "segmentation", 2, 3, patient_key=None)
+    with pytest.raises(ValueError, match=r"`patient_key` must be a non-empty str, got ''\."):
+        load_datalist(root, "segmentation", 2, 3, patient_key="")
+
+
 def test_split_by_record_without_patient_ids(tmp_path):
     splits = load_datalist(_seg_set(tmp_path, n=10, per_patient=0), "segmentation", 2, 3, val_fraction=0.3)
     assert [len(splits[k]) for k in ("training", "validation", "test")] == [7, 3, 0]
