@@ -26,26 +26,13 @@ import logging
 import os
 import socket
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Self
 
-from monai_dp.privacy import ledger_file
-from monai_dp.privacy.ledger_chain import ChainState, append_event, find_event, start_chain, verify
+from monai_dp.privacy.ledger_chain import ChainState, append_event, find_event
 from monai_dp.privacy.ledger_plan import UNITS, check_request, exhausted_message, plan_run
-from monai_dp.privacy.ledger_report import format_account
-from monai_dp.privacy.ledger_run import (
-    LedgerRun,
-    RunPlan,
-    Spent,
-    charged,
-    end_run,
-    mechanisms,
-    now,
-    run_row,
-)
-from monai_dp.privacy.ledger_schema import SCHEMA_VERSION, create_schema, schema_version
+from monai_dp.privacy.ledger_run import LedgerRun, RunPlan, Spent, charged, end_run, mechanisms, run_row
+from monai_dp.privacy.ledger_schema import SCHEMA_VERSION
+from monai_dp.privacy.ledger_store import BUSY_TIMEOUT_S, LedgerStore, now
 from monai_dp.privacy.pld import compose_epsilon
 from monai_dp.utils.errors import LedgerIntegrityError, PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import (
@@ -55,11 +42,10 @@ from monai_dp.utils.validation import (
     error_message,
 )
 
-__all__ = ["ChainState", "LedgerRun", "PrivacyLedger", "RunPlan", "Spent"]
+__all__ = ["ChainState", "LedgerRun", "LedgerStore", "PrivacyLedger", "RunPlan", "Spent"]
 
 logger = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_S = 30.0
 _OPTIMISTIC_TRIES = 3  # PLD queries run outside the write lock; after this many lost races, under it
 _HOST = socket.gethostname()
 
@@ -102,121 +88,18 @@ class PrivacyLedger:
     existing one is verified (:meth:`verify`) before any use and again whenever another connection changed it.
     ``read_only=True`` reads a ledger that may not be written (a read-only file or folder, an archive): writes
     then raise ``PermissionError``, as does opening a read-only ledger without it. One connection per process
-    (re-opened after a fork); use as a context manager or call :meth:`close`.
+    (re-opened after a fork); use as a context manager or call :meth:`close`. Storage (file, connection,
+    transactions, verification) is :attr:`store`, a :class:`~monai_dp.privacy.ledger_store.LedgerStore` shared
+    with the :class:`LedgerRun` handles this ledger hands out.
     """
 
     def __init__(self, path: str | os.PathLike, create: bool = True, timeout: float = BUSY_TIMEOUT_S,
                  read_only: bool = False):
-        self.path = Path(path)
-        self.timeout = check_positive("timeout", timeout)
-        self.read_only = bool(read_only)
-        if (self.read_only or not create) and not self.path.is_file():
-            raise FileNotFoundError(error_message(
-                "path", "an existing ledger file", str(self.path),
-                f"Create it with `monai-dp ledger init --ledger {self.path} --dataset-id ID --epsilon E --delta D`."))
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(error_message("path", "a file in an existing folder", str(self.path),
-                                                  "Create the folder first; the ledger does not create folders."))
-        if not self.path.exists():
-            ledger_file.create_file(self.path, self.timeout, lambda con: self._populate_new(con))
-        ledger_file.check_not_emptied(self.path)
-        problem = None if self.read_only else ledger_file.writable_problem(self.path)
-        if problem:
-            raise PermissionError(error_message(
-                "path", "a writable ledger to record runs in", str(self.path),
-                f"{problem[0].upper()}{problem[1:]}; make it writable, or open it with read_only=True (as "
-                "`monai-dp ledger show` does) to read it."))
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
-        self._inherited: list[sqlite3.Connection] = []
-        self._verified_version: int | None = None
-        with self._read():
-            pass  # verified on opening
-
-    @staticmethod
-    def _populate_new(con: sqlite3.Connection) -> None:
-        create_schema(con)
-        start_chain(con, now())
-
-    # -- connection, transactions and verification ---------------------------------------------------------------
-    @property
-    def _con(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
-            if self._conn is not None:  # inherited through fork: never use it, never close it (it is the parent's)
-                self._inherited.append(self._conn)
-            self._conn, self._pid = ledger_file.connect(self.path, self.timeout, self.read_only), os.getpid()
-            self._verified_version = None
-        return self._conn
-
-    def _ensure_verified(self, con: sqlite3.Connection, force: bool = False) -> ChainState | None:
-        """Verify the ledger unless nothing but this connection changed it since it was last verified."""
-        con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # start the read snapshot first
-        version = con.execute("PRAGMA data_version").fetchone()[0]
-        if version == self._verified_version and not force:
-            return None
-        found = schema_version(con)
-        if found is None and con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-            raise LedgerIntegrityError(
-                f"Privacy ledger {str(self.path)!r} holds no ledger (no tables): an emptied ledger, a ledger whose "
-                "-wal file was lost before its first checkpoint, or another SQLite file. Nothing is trained on it; "
-                "restore it from a backup (`monai-dp ledger backup`).")
-        if found is not None and found < SCHEMA_VERSION:
-            raise RuntimeError(error_message(
-                "ledger schema_version", f"{SCHEMA_VERSION} (runs chained by hashes)", found,
-                f"{self.path} was written by an older monai_dp; migrate it with `monai-dp ledger migrate --ledger "
-                f"{self.path} --output NEW.db` and use NEW.db (the old file is left as it is)."))
-        if found is not None and found > SCHEMA_VERSION:
-            raise RuntimeError(error_message("ledger schema_version", f"at most {SCHEMA_VERSION}", found,
-                                             f"{self.path} was written by a newer monai_dp; upgrade monai_dp."))
-        state = verify(con, self.path)
-        self._verified_version = version
-        return state
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One read snapshot, verified; inside a transaction already open, that transaction."""
-        con = self._con
-        if con.in_transaction:
-            yield con
-            return
-        con.execute("BEGIN")
-        try:
-            self._ensure_verified(con)
-            yield con
-        finally:
-            if con.in_transaction:
-                con.execute("COMMIT")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``, verified: one writer at a time across processes; rolled back on error."""
-        if self.read_only:
-            raise PermissionError(error_message("ledger", "opened without read_only=True to be written",
-                                                str(self.path)))
-        con = self._con
-        try:
-            con.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as err:
-            if "readonly" not in str(err):
-                raise
-            raise PermissionError(error_message("path", "a writable ledger to record runs in", str(self.path),
-                                                f"SQLite cannot write it ({err}).")) from err
-        try:
-            self._ensure_verified(con)
-            yield con
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-        # every event (registration, start or end of a run) reaches the .db file itself at once: a lost -wal, or a
-        # plain copy of the .db, then misses at most the step claims of running runs since their last event
-        con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.store = LedgerStore(path, create=create, timeout=timeout, read_only=read_only)
+        self.path, self.timeout, self.read_only = self.store.path, self.store.timeout, self.store.read_only
 
     def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+        self.store.close()
 
     def __enter__(self) -> Self:
         return self
@@ -233,8 +116,8 @@ class PrivacyLedger:
         if expect_head is not None and not (isinstance(expect_head, str) and len(expect_head) == 64
                                             and all(c in "0123456789abcdefABCDEF" for c in expect_head)):
             raise ValueError(error_message("expect_head", "the 64 hex digits of a ledger head", expect_head))
-        with self._read() as con:
-            state = self._ensure_verified(con, force=True)
+        with self.store.read() as con:
+            state = self.store.check(con, force=True)
             at = None if expect_head is None else find_event(con, expect_head)
         if expect_head is not None and at is None:
             raise LedgerIntegrityError(
@@ -245,14 +128,14 @@ class PrivacyLedger:
 
     def head(self) -> str:
         """The head of the ledger's hash chain: keep a copy elsewhere to check the ledger against later."""
-        with self._read() as con:
+        with self.store.read() as con:
             return con.execute("SELECT value FROM meta WHERE key = 'chain_head'").fetchone()[0]
 
     def backup(self, output: str | os.PathLike) -> ChainState:
         """Copy the ledger to the new file ``output`` with SQLite's online backup API (``-wal`` included); the copy
         is verified before it is put in place. Returns the copy's state."""
         self.verify()
-        return ledger_file.backup_file(self._con, Path(output), lambda con: verify(con, Path(output)))
+        return self.store.backup(output)
 
     # -- data sets --------------------------------------------------------------------------------------------
     def init_dataset(self, dataset_id: str, epsilon: float, delta: float, unit: str = "record",
@@ -267,7 +150,7 @@ class PrivacyLedger:
         unit = check_choice("unit", unit, UNITS)
         if not isinstance(description, str):
             raise TypeError(error_message("description", "a str", type(description).__name__))
-        with self._write() as con:
+        with self.store.write() as con:
             row = con.execute("SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,)).fetchone()
             if row is None:
                 con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -292,17 +175,17 @@ class PrivacyLedger:
 
     def budget(self, dataset_id: str) -> tuple[float, float]:
         """The total budget ``(epsilon, delta)`` of ``dataset_id``."""
-        with self._read() as con:
+        with self.store.read() as con:
             ds = self._dataset(con, dataset_id)
         return ds["epsilon"], ds["delta"]
 
     def dataset_unit(self, dataset_id: str) -> str:
         """The unit (``'record'`` or ``'patient'``) the budget of ``dataset_id`` protects."""
-        with self._read() as con:
+        with self.store.read() as con:
             return self._dataset(con, dataset_id)["unit"]
 
     def dataset_ids(self) -> list[str]:
-        with self._read() as con:
+        with self.store.read() as con:
             return [r[0] for r in con.execute("SELECT dataset_id FROM datasets ORDER BY created_at, dataset_id")]
 
     def _runs(self, con: sqlite3.Connection, dataset_id: str) -> list[sqlite3.Row]:
@@ -310,7 +193,7 @@ class PrivacyLedger:
 
     def run(self, run_id: int) -> dict:
         """The ledger row of run ``run_id`` as a dict."""
-        with self._read() as con:
+        with self.store.read() as con:
             row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise ValueError(error_message("run_id", f"a run recorded in the ledger {str(self.path)!r}", run_id))
@@ -319,7 +202,7 @@ class PrivacyLedger:
     # -- accounting -------------------------------------------------------------------------------------------
     def spent(self, dataset_id: str, reservations: bool = True) -> Spent:
         """ε spent on ``dataset_id`` at its budget δ; running runs count their reservation if ``reservations``."""
-        with self._read() as con:
+        with self.store.read() as con:
             ds = self._dataset(con, dataset_id)
             runs = self._runs(con, dataset_id)
         eps = compose_epsilon(mechanisms(runs, reservations), ds["delta"])
@@ -330,7 +213,7 @@ class PrivacyLedger:
         """A dry run of :meth:`begin_run`: what would fit now (reserves nothing); raises if not a single step."""
         if not self.read_only:
             self.recover(dataset_id)
-        with self._read() as con:
+        with self.store.read() as con:
             ds = self._dataset(con, dataset_id)
             req = check_request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
             runs = self._runs(con, ds["dataset_id"])
@@ -364,12 +247,12 @@ class PrivacyLedger:
             locked = attempt == _OPTIMISTIC_TRIES
             if not locked:
                 self.recover(dataset_id)
-                with self._read() as con:
+                with self.store.read() as con:
                     ds = self._dataset(con, dataset_id)
                     req = check_request(ds, noise_multiplier, sample_rate, planned_steps, unit, group_size)
                     spent = mechanisms(self._runs(con, ds["dataset_id"]))
                 plan = plan_run(ds, req, spent)
-            with self._write() as con:
+            with self.store.write() as con:
                 if locked:
                     self._recover(con, dataset_id)
                 runs = self._runs(con, ds["dataset_id"])
@@ -394,7 +277,7 @@ class PrivacyLedger:
                                "ε = %.4g of the budget %g (δ = %g) is spent or reserved; %d steps bring it to %.4g.",
                                run_id, ds["dataset_id"], plan.allowed_steps, req.planned_steps, plan.spent_epsilon,
                                plan.budget_epsilon, plan.budget_delta, plan.allowed_steps, plan.epsilon_after)
-            return LedgerRun(self, run_id, ds["dataset_id"], plan)
+            return LedgerRun(self.store, run_id, ds["dataset_id"], plan)
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt plans under the lock
 
     def resume_run(self, run_id: int, planned_steps: int, sampling: str = "poisson",
@@ -421,10 +304,10 @@ class PrivacyLedger:
 
         They then count the steps they claimed (write-ahead, so at least every step they took).
         """
-        with self._read() as con:
+        with self.store.read() as con:
             if not self._stale(con, dataset_id):
                 return []  # the common case needs no write lock
-        with self._write() as con:
+        with self.store.write() as con:
             return self._recover(con, dataset_id)
 
     def _stale(self, con: sqlite3.Connection, dataset_id: str | None) -> list[int]:
@@ -448,7 +331,7 @@ class PrivacyLedger:
         Safe even if it is still alive: its next :meth:`LedgerRun.claim_step` fails, so it takes no unrecorded step.
         It counts the steps it claimed. ``monai-dp ledger release RUN`` calls this.
         """
-        with self._write() as con:
+        with self.store.write() as con:
             if not end_run(con, run_id, "interrupted"):
                 raise ValueError(error_message("run_id", "a running run", run_id))
             return run_row(con, run_id)
@@ -456,7 +339,7 @@ class PrivacyLedger:
     # -- reports ----------------------------------------------------------------------------------------------
     def summary(self, dataset_id: str | None = None) -> list[dict]:
         """One dict per data set: budget, ε spent (steps taken), ε committed (with reservations), its runs."""
-        with self._read() as con:
+        with self.store.read() as con:
             ids = self.dataset_ids() if dataset_id is None else [dataset_id]
             rows = [(dict(self._dataset(con, did)), self._runs(con, did)) for did in ids]
         out = []
@@ -471,7 +354,7 @@ class PrivacyLedger:
 
     def export(self, dataset_id: str | None = None) -> dict:
         """A JSON-able account: the ledger, when, how ε is composed, and :meth:`summary` of the data sets."""
-        with self._read():
+        with self.store.read():
             state, datasets = self.verify(), self.summary(dataset_id)
         return {"ledger": str(self.path), "schema_version": SCHEMA_VERSION, "exported_at": now(),
                 "head": state.head, "events": state.events,
@@ -479,7 +362,11 @@ class PrivacyLedger:
                               "their reserved steps", "datasets": datasets}
 
     def format_account(self, dataset_id: str | None = None, markdown: bool = False) -> str:
-        """A human-readable account (plain text, or markdown with ``markdown=True``), with the chain's head."""
-        with self._read():
-            state, datasets = self.verify(), self.summary(dataset_id)
-        return format_account(str(self.path), state.head, state.events, datasets, markdown)
+        """A human-readable account (plain text, or markdown with ``markdown=True``), with the chain's head.
+
+        The text is the CLI's (``monai-dp ledger show``): :func:`monai_dp.cli.ledger_text.account_text` of
+        :meth:`export`; this method only delegates to it.
+        """
+        from monai_dp.cli.ledger_text import account_text  # rendering belongs to the CLI layer; loaded when asked
+
+        return account_text(self.export(dataset_id), markdown)

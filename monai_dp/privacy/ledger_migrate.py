@@ -16,7 +16,7 @@ from pathlib import Path
 
 from monai_dp.privacy import ledger_file
 from monai_dp.privacy.ledger_chain import ChainState, append_event, start_chain, verify
-from monai_dp.privacy.ledger_run import now
+from monai_dp.privacy.ledger_store import now
 from monai_dp.privacy.ledger_schema import create_schema, schema_version
 from monai_dp.utils.validation import error_message
 

@@ -1,20 +1,21 @@
 """A run in the privacy ledger: what it may take (:class:`RunPlan`), what it is charged, and the handle
-(:class:`LedgerRun`) a trainer claims its steps with."""
+(:class:`LedgerRun`) a trainer claims its steps with. The handle reads and writes through the ledger's
+:class:`~monai_dp.privacy.ledger_store.LedgerStore`, not through the ledger."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NamedTuple, Self
 
 from monai_dp.privacy.ledger_chain import RUN_END_KEYS, append_event
+from monai_dp.privacy.ledger_store import now
 from monai_dp.privacy.pld import Mechanism, compose_epsilon
 from monai_dp.utils.errors import PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import check_choice, error_message
 
 if TYPE_CHECKING:
-    from monai_dp.privacy.ledger import PrivacyLedger
+    from monai_dp.privacy.ledger_store import LedgerStore
 
 __all__ = ["LedgerRun", "RunPlan", "Spent"]
 
@@ -38,10 +39,6 @@ class Spent(NamedTuple):
 
     epsilon: float
     runs: list[dict]
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def charged(run: sqlite3.Row | dict, reservations: bool) -> int:
@@ -91,16 +88,12 @@ class LedgerRun:
     :class:`PrivacyBudgetExhaustedError`, ``failed`` on any other exception.
     """
 
-    def __init__(self, ledger: PrivacyLedger, run_id: int, dataset_id: str, plan: RunPlan):
-        self.ledger, self.run_id, self.dataset_id, self.plan = ledger, run_id, dataset_id, plan
+    def __init__(self, store: LedgerStore, run_id: int, dataset_id: str, plan: RunPlan):
+        self.store, self.run_id, self.dataset_id, self.plan = store, run_id, dataset_id, plan
         self.allowed_steps = plan.allowed_steps
         self.spent_before = plan.spent_epsilon
         self.steps_taken = 0
         self.status = "running"
-
-    @property
-    def remaining_steps(self) -> int:
-        return self.allowed_steps - self.steps_taken
 
     def claim_step(self) -> int:
         """Record one more step (committed before the caller takes it) and return the steps claimed so far.
@@ -108,11 +101,9 @@ class LedgerRun:
         Raises :class:`PrivacyBudgetExhaustedError` when the reservation is used up, ``RuntimeError`` when the run
         is no longer running.
         """
-        con = self.ledger._con
-        cur = con.execute("UPDATE runs SET steps_taken = steps_taken + 1 WHERE run_id = ? AND status = 'running' "
-                          "AND steps_taken < reserved_steps", (self.run_id,))
-        if cur.rowcount != 1:
-            row = self.ledger.run(self.run_id)
+        if not self.store.claim_step(self.run_id):
+            with self.store.read() as con:
+                row = run_row(con, self.run_id)
             if row["status"] != "running":
                 raise RuntimeError(error_message("run status", "'running' to claim a step", row["status"],
                                                  f"Run {self.run_id} has ended; begin or resume a run."))
@@ -126,10 +117,10 @@ class LedgerRun:
     def finish(self, status: str = "finished") -> None:
         """End the run (``finished``, ``stopped`` or ``failed``): it now counts the steps it claimed."""
         status = check_choice("status", status, FINAL_STATUSES)
-        with self.ledger._write() as con:
+        with self.store.write() as con:
             if not end_run(con, self.run_id, status):
-                now = con.execute("SELECT status FROM runs WHERE run_id = ?", (self.run_id,)).fetchone()[0]
-                raise RuntimeError(error_message("run status", "'running' to finish it", now,
+                ended = con.execute("SELECT status FROM runs WHERE run_id = ?", (self.run_id,)).fetchone()[0]
+                raise RuntimeError(error_message("run status", "'running' to finish it", ended,
                                                  f"Run {self.run_id} has already ended."))
         self.status = status
 

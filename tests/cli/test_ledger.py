@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from monai_dp.__main__ import main
+from monai_dp.cli import main
 from monai_dp.privacy.fingerprint import dataset_fingerprint
 from monai_dp.privacy.ledger import PrivacyLedger
 from monai_dp.privacy.pld import Mechanism, compose_epsilon

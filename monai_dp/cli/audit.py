@@ -138,7 +138,3 @@ def _bundle_audit(args) -> int:
                        percentile=args.percentile)
     print(write_report(analysis, args.out).read_text())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,12 @@
-"""The privacy ledger's account as text: plain (``monai-dp ledger show``) or markdown (``export --format markdown``)."""
+"""The privacy ledger's account as text: plain (``monai-dp ledger show``) or markdown (``export --format markdown``).
+
+Rendered from :meth:`PrivacyLedger.export <monai_dp.privacy.ledger.PrivacyLedger.export>` (a dict), so this
+module imports nothing from the ledger.
+"""
 
 from __future__ import annotations
 
-__all__ = ["format_account", "run_warnings"]
+__all__ = ["account_text", "format_account", "run_warnings"]
 
 SEEDED_NOISE = "reproducible noise: not private against someone who knows the seed"
 
@@ -63,3 +67,8 @@ def format_account(path: str, head: str, events: int, datasets: list[dict], mark
     for d in datasets:
         lines += _dataset_lines(d, markdown)
     return "\n".join(lines) + "\n"
+
+
+def account_text(account: dict, markdown: bool = False) -> str:
+    """The account :meth:`PrivacyLedger.export <monai_dp.privacy.ledger.PrivacyLedger.export>` returned, as text."""
+    return format_account(account["ledger"], account["head"], account["events"], account["datasets"], markdown)

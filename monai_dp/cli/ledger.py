@@ -23,6 +23,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from monai_dp.cli.ledger_text import account_text
 from monai_dp.utils.errors import LedgerIntegrityError, PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import error_message
 
@@ -92,9 +93,10 @@ def _export(args) -> str:
     from monai_dp.privacy.ledger import PrivacyLedger
 
     with PrivacyLedger(args.ledger, read_only=True) as ledger:
-        if args.command == "show" or args.format == "markdown":
-            return ledger.format_account(args.dataset_id, markdown=args.command == "export")
-        return json.dumps(ledger.export(args.dataset_id), indent=2, ensure_ascii=False) + "\n"
+        account = ledger.export(args.dataset_id)
+    if args.command == "show" or args.format == "markdown":
+        return account_text(account, markdown=args.command == "export")
+    return json.dumps(account, indent=2, ensure_ascii=False) + "\n"
 
 
 def _check(args) -> str:
@@ -183,7 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monai-dp ledger {args.command}: {err}", file=sys.stderr)
         return EXIT_ERROR
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

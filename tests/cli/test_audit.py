@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from monai_dp.__main__ import main
+from monai_dp.cli import main
 from monai_dp.audit.report import analyse
 from monai_dp.privacy import Mechanism
 
@@ -71,8 +71,6 @@ def test_cli_audits_a_bundle_recipe(tmp_path):
 
 
 def test_self_audit_passes_on_the_real_trainer_and_writes_its_report(tmp_path, capsys):
-    from monai_dp.__main__ import main
-
     rc = main(["audit", "--self-audit", "--out", str(tmp_path), "--num-models", "40", "--steps", "2",
                "--noise-multiplier", "2.0"])
     text = capsys.readouterr().out
