@@ -1,3 +1,5 @@
+from .clip_contract import ClippedSum, trainable_parameters
+from .clipping import CLIPPING_MODES, AutoClipper, make_clipper
 from .conversion import (
     CompatibilityReport,
     find_incompatible_modules,
@@ -11,6 +13,9 @@ from .row_probe import probe_row_independence
 from .scattering import WaveletScattering2D
 
 __all__ = [
+    "CLIPPING_MODES",
+    "AutoClipper",
+    "ClippedSum",
     "CompatibilityReport",
     "FeatureClassifier",
     "GhostClipping",
@@ -18,8 +23,10 @@ __all__ = [
     "WaveletScattering2D",
     "find_incompatible_modules",
     "find_row_mixing_modules",
+    "make_clipper",
     "make_private_compatible",
     "per_sample_loss",
     "probe_row_independence",
     "register_row_independent",
+    "trainable_parameters",
 ]

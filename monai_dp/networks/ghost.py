@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_dp.networks.clip_contract import ClippedSum, trainable_parameters
 from monai_dp.networks.ghost_terms import (
     _CONV,
     _CONV_T,
@@ -120,6 +121,7 @@ class GhostClipping:
     """
 
     NORM_METHODS = ("mixed", "ghost", "materialise")
+    name = "ghost"
 
     def __init__(self, network: nn.Module, loss_function: Callable, inferer: Callable | None = None,
                  norm_method: str = "mixed", row_independent: Sequence[type] = (), probe_rows: int = 4) -> None:
@@ -142,7 +144,13 @@ class GhostClipping:
         self.last_choice: dict[str, str] = {}  # layer path -> "ghost" / "materialise" (weight norm, last call)
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
+        return trainable_parameters(self.network)
+
+    def clipped_sum(self, inputs: torch.Tensor, targets: Any, groups: torch.Tensor | None = None,
+                    num_items: int | None = None, max_grad_norm: float = 1.0,
+                    amp_dtype: torch.dtype | None = None) -> ClippedSum:
+        """The clipping contract (:class:`~monai_dp.networks.clip_contract.ClippedSum`); same as ``__call__``."""
+        return ClippedSum(*self(inputs, targets, groups, num_items, max_grad_norm, amp_dtype))
 
     def __call__(self, inputs: torch.Tensor, targets: Any, groups: torch.Tensor | None = None,
                  num_items: int | None = None, max_grad_norm: float = 1.0, amp_dtype: torch.dtype | None = None):

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from monai_dp.networks.clip_contract import ClippedSum, clip_and_sum, trainable_parameters
 from monai_dp.utils.errors import DPIncompatibleModuleError
-from monai_dp.utils.validation import check_choice, error_message
+from monai_dp.utils.validation import check_choice, check_positive, error_message
 
 __all__ = ["PerSampleGradients", "per_sample_loss"]
 
@@ -76,8 +77,10 @@ class PerSampleGradients:
         self.inferer = inferer
         self.method = check_choice("method", method, self.METHODS)
 
+    name = "per_sample"
+
     def trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
+        return trainable_parameters(self.network)
 
     def _locations(self) -> dict[str, list[tuple[dict, str]]]:
         """Every ``(module._parameters, attr)`` slot that holds each trainable parameter.
@@ -117,7 +120,7 @@ class PerSampleGradients:
         inputs: torch.Tensor,
         targets: Any,
         groups: torch.Tensor | None = None,
-        num_groups: int | None = None,
+        num_items: int | None = None,
         amp_dtype: torch.dtype | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-item gradients.
@@ -130,12 +133,12 @@ class PerSampleGradients:
         Args:
             inputs: ``(R, ...)`` rows of the batch.
             targets: ``(R, ...)`` targets, one per row.
-            groups: ``(R,)`` index of the item each row comes from (``0 .. num_groups-1``); ``None``: one row per item.
-            num_groups: number of items; defaults to ``groups.max() + 1``.
+            groups: ``(R,)`` index of the item each row comes from (``0 .. num_items-1``); ``None``: one row per item.
+            num_items: number of items; defaults to ``groups.max() + 1``.
             amp_dtype: autocast dtype (``torch.bfloat16``) or ``None``.
 
         Returns:
-            ``(grads, losses, preds)``: ``grads[name]`` of shape ``(num_groups, *param.shape)`` (float32 sums of
+            ``(grads, losses, preds)``: ``grads[name]`` of shape ``(num_items, *param.shape)`` (float32 sums of
             the item's rows), ``losses`` ``(R,)`` and ``preds`` ``(R, ...)``, both detached.
         """
         rows = inputs.shape[0]
@@ -155,7 +158,7 @@ class PerSampleGradients:
             row_grads, losses, preds = self._vmap_grad(trainable, inputs, targets, ctx)
         if row_grads is None:
             row_grads, losses, preds = self._expanded(trainable, inputs, targets, ctx)
-        g = rows if groups is None else (int(groups.max().item()) + 1 if num_groups is None else int(num_groups))
+        g = rows if groups is None else (int(groups.max().item()) + 1 if num_items is None else int(num_items))
         grads = {}
         for name, rg in row_grads.items():
             shape = trainable[name].shape
@@ -169,6 +172,16 @@ class PerSampleGradients:
                 out = torch.zeros((g, *shape), dtype=rg.dtype, device=rg.device)
                 grads[name] = out.index_add_(0, groups.to(rg.device), rg)
         return grads, losses.detach(), preds
+
+    def clipped_sum(self, inputs: torch.Tensor, targets: Any, groups: torch.Tensor | None = None,
+                    num_items: int | None = None, max_grad_norm: float = 1.0,
+                    amp_dtype: torch.dtype | None = None) -> ClippedSum:
+        """The clipping contract (:class:`~monai_dp.networks.clip_contract.ClippedSum`): every item's gradient
+        (``__call__``), clipped and summed with exactly the operations of Opacus' ``clip_and_accumulate``."""
+        c = check_positive("max_grad_norm", max_grad_norm)
+        grads, losses, preds = self(inputs, targets, groups, num_items, amp_dtype)
+        summed, norms = clip_and_sum(grads, self.trainable(), c)
+        return ClippedSum(summed, norms.detach(), losses, preds)
 
     def _expanded(self, trainable, inputs, targets, ctx):
         """Expanded weights: one batched forward (each row alone), the loss per row outside ``vmap``."""
