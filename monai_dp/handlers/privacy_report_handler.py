@@ -7,17 +7,13 @@ import json
 import logging
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from monai.utils import min_version, optional_import
+from ignite.engine import Engine, Events
 
 from monai_dp.handlers.utils import require_dict, require_dp_engine
-
-Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
-if TYPE_CHECKING:
-    from ignite.engine import Engine
-else:
-    Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
+from monai_dp.utils.distributed import rank_world
+from monai_dp.utils.keys import DPKeys
 
 __all__ = ["PrivacyReportHandler", "patient_level_guarantee", "privacy_report", "report_markdown"]
 
@@ -48,7 +44,7 @@ def privacy_report(engine: Any, patient_level: bool = True) -> dict:
         "accountant": priv.accountant.name,
         "history": [[float(sig), float(q), int(n)] for sig, q, n in priv.accountant.history],
         "randomness": _randomness(priv),
-        "budget_exhausted": bool(getattr(engine.state, "dp_budget_exhausted", False)),
+        "budget_exhausted": bool(getattr(engine.state, DPKeys.BUDGET_EXHAUSTED, False)),
         "dataset_id": getattr(priv, "dataset_id", None),
         "patients": getattr(priv, "patients", None),
         "patient_level": None,
@@ -184,9 +180,7 @@ class PrivacyReportHandler:
         self.write(engine)
 
     def write(self, engine: Engine) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if rank_world()[0] != 0:
             return  # every rank holds the same accounting; rank 0 writes it
         report = privacy_report(engine)
         _write_json_atomic(self.report_file, report)
