@@ -12,13 +12,14 @@ scores every record under every model and writes ``report.md``/``report.html``, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["array_recipe", "main", "parse_overrides"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,37 +71,50 @@ def _load(args) -> dict:
                 "metadata": {k[5:]: f[k].astype(str) for k in f.files if k.startswith("meta_")}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from monai_dp.audit.lira import run_lira
+def parse_overrides(items: list[str]) -> dict:
+    """``--override KEY=VALUE`` items as a dict: VALUE read as JSON, or kept as text when it is not JSON."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def array_recipe(args: argparse.Namespace, data: dict):
+    """The :class:`~monai_dp.audit.recipes.ArrayClassifierRecipe` the flags describe (σ given, or ε targeted)."""
     from monai_dp.audit.recipes import ArrayClassifierRecipe
-    from monai_dp.audit.report import analyse, write_report
-    from monai_dp.privacy.pld import Mechanism
 
-    if args.bundle:
-        return _bundle_audit(args)
-    if args.self_audit:
-        from monai_dp.audit.self_audit import run_self_audit
-
-        res = run_self_audit(args.out, runs=args.num_models, steps=args.steps, seed=args.seed,
-                             noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier)
-        print((Path(args.out) / "self_audit.md").read_text())
-        return 0 if res["passed"] else 1
-    try:
-        data = _load(args)
-    except (OSError, ValueError) as err:
-        print(f"monai-dp audit: {err}", file=sys.stderr)
-        return 2
     dp_kwargs = {"max_grad_norm": args.max_grad_norm, "privacy_unit": args.privacy_unit}
     if args.noise_multiplier is not None:
         dp_kwargs["noise_multiplier"] = args.noise_multiplier
     else:
         dp_kwargs["target_epsilon"] = args.target_epsilon
-    recipe = ArrayClassifierRecipe(data["images"], data["labels"], data["patient_ids"],
-                                   num_classes=int(data["labels"].max()) + 1, epochs=args.epochs,
-                                   batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
-                                   dp=not args.no_dp, dp_kwargs=dp_kwargs, width=args.width)
+    return ArrayClassifierRecipe(data["images"], data["labels"], data["patient_ids"],
+                                 num_classes=int(data["labels"].max()) + 1, epochs=args.epochs,
+                                 batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
+                                 dp=not args.no_dp, dp_kwargs=dp_kwargs, width=args.width)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.bundle:
+        return _bundle_audit(args)
+    if args.self_audit:
+        return _self_audit(args)
+    from monai_dp.audit.lira import run_lira
+    from monai_dp.audit.report import analyse, write_report
+    from monai_dp.privacy.pld import Mechanism
+
+    try:
+        data = _load(args)
+    except (OSError, ValueError) as err:
+        print(f"monai-dp audit: {err}", file=sys.stderr)
+        return 2
+    recipe = array_recipe(args, data)
     res = run_lira(recipe, data["labels"], data["patient_ids"], args.out, num_models=args.num_models,
                    workers=args.workers, seed=args.seed)
     mechanisms = None if args.no_dp else [Mechanism(*h) for h in res["histories"][0]]
@@ -112,21 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bundle_audit(args) -> int:
-    import json
+def _self_audit(args: argparse.Namespace) -> int:
+    from monai_dp.audit.self_audit import run_self_audit
 
+    res = run_self_audit(args.out, runs=args.num_models, steps=args.steps, seed=args.seed,
+                         noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier)
+    print((Path(args.out) / "self_audit.md").read_text())
+    return 0 if res["passed"] else 1
+
+
+def _bundle_audit(args: argparse.Namespace) -> int:
     from monai_dp.audit.lira import run_lira
     from monai_dp.audit.recipes import BundleRecipe
     from monai_dp.audit.report import analyse, write_report
     from monai_dp.privacy.pld import Mechanism
 
-    overrides = {}
-    for item in args.override:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = parse_overrides(args.override)
     recipe = BundleRecipe(args.bundle, overrides=overrides)
     records = recipe.records()
     labels = np.asarray([int(np.asarray(r["label"]).reshape(-1)[0]) for r in records])

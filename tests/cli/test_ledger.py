@@ -110,7 +110,7 @@ def test_fingerprint_of_a_datalist(capsys, tmp_path):
 
 
 def head_of(out: str) -> str:
-    return re.search(r"^head ([0-9a-f]{64})$", out, re.M).group(1)
+    return re.search(r"^head ([0-9a-f]{64})$", out, re.MULTILINE).group(1)
 
 
 def test_verify_prints_the_head_and_checks_a_copied_one(capsys, ledger_path):
