@@ -17,6 +17,7 @@ class DPKeys:
     - ``EPSILON_STEPS``: the step count at which the published ε was computed.
     - ``DELTA``, ``NOISE_MULTIPLIER``, ``SAMPLE_RATE``, ``MAX_GRAD_NORM``: the mechanism's parameters.
     - ``BUDGET_EXHAUSTED``: ``True`` once training stopped because the next step would exceed the budget.
+    - ``STOPPED_BY``: the name of the budget gate that refused the next step (e.g. ``"epsilon"``, a ledger run).
     - ``COUNTERS``: what the metrics handler publishes every iteration, in the order bundles log them
       (pass it as ``state_attributes`` to MONAI's ``StatsHandler``/``TensorBoardStatsHandler``/``MLFlowHandler``).
     """
@@ -29,4 +30,5 @@ class DPKeys:
     SAMPLE_RATE = "dp_sample_rate"
     MAX_GRAD_NORM = "dp_max_grad_norm"
     BUDGET_EXHAUSTED = "dp_budget_exhausted"
+    STOPPED_BY = "dp_stopped_by"
     COUNTERS = (STEPS, EPSILON_STEPS, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, MAX_GRAD_NORM)

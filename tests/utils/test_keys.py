@@ -15,16 +15,16 @@ BUNDLE_TRAIN_CONFIGS = sorted((REPO / "bundles").glob("*/configs/train.json"))
 
 def test_names_are_the_published_strings():
     assert (DPKeys.EPSILON, DPKeys.STEPS, DPKeys.EPSILON_STEPS, DPKeys.DELTA, DPKeys.NOISE_MULTIPLIER,
-            DPKeys.SAMPLE_RATE, DPKeys.MAX_GRAD_NORM, DPKeys.BUDGET_EXHAUSTED) == (
+            DPKeys.SAMPLE_RATE, DPKeys.MAX_GRAD_NORM, DPKeys.BUDGET_EXHAUSTED, DPKeys.STOPPED_BY) == (
         "epsilon", "dp_steps", "dp_epsilon_steps", "dp_delta", "dp_noise_multiplier", "dp_sample_rate",
-        "dp_max_grad_norm", "dp_budget_exhausted")
+        "dp_max_grad_norm", "dp_budget_exhausted", "dp_stopped_by")
     assert all(type(k) is str for k in DPKeys.COUNTERS)  # plain str: setattr, getattr and JSON configs
 
 
 def test_counters_are_the_state_attributes_and_nothing_else():
     assert DPKeys.COUNTERS == ("dp_steps", "dp_epsilon_steps", "dp_delta", "dp_noise_multiplier", "dp_sample_rate",
                                "dp_max_grad_norm")
-    assert DPKeys.BUDGET_EXHAUSTED not in DPKeys.COUNTERS and DPKeys.EPSILON not in DPKeys.COUNTERS
+    assert not {DPKeys.BUDGET_EXHAUSTED, DPKeys.STOPPED_BY, DPKeys.EPSILON} & set(DPKeys.COUNTERS)
 
 
 @pytest.mark.parametrize("path", BUNDLE_TRAIN_CONFIGS, ids=lambda p: p.parents[1].name)
