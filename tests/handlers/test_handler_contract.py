@@ -1,121 +1,150 @@
-"""Contract suite over every handler: idempotent attach, plain state, round trip through weights-only loading."""
+"""Contract suite over every handler: idempotent attach, plain state, round trip through weights-only loading.
+
+The handlers are discovered from ``monai_dp.handlers.__all__``; each needs an entry in ``CONTRACT`` saying how to
+build it with non-default arguments, how to build a default one, and how to run a trainer so that its state is
+no longer the default. A handler added to the package without an entry fails ``test_every_handler_is_covered``.
+Tests of one handler's own behaviour live in ``tests/handlers/test_<handler file>.py``.
+"""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
+import monai_dp.handlers as handlers_pkg
 from monai_dp.handlers import (
     PrivacyAccountantHandler,
     PrivacyBudgetHandler,
+    PrivacyLedgerHandler,
     PrivacyReportHandler,
 )
+from monai_dp.privacy.ledger import PrivacyLedger
 from tests.engines.test_trainer import make_trainer
 
-
-class _Report(PrivacyReportHandler):
-    """PrivacyReportHandler with a default report path, so the contract suite can build it without arguments."""
-
-    def __init__(self):
-        import tempfile
-
-        super().__init__(report_file=tempfile.mkdtemp() + "/privacy_report.json")
+DELTA = 1e-3
 
 
-HANDLERS = [PrivacyAccountantHandler, PrivacyBudgetHandler, _Report]
+DATASET_ID = "contract-suite-data"
 
 
-def _count(engine, handler_type):
-    return sum(isinstance(getattr(h, "__self__", h), handler_type)
-               for ev in engine._event_handlers for h, *_ in engine._event_handlers[ev])
+def _ledger(tmp_path) -> str:
+    """A ledger holding the dataset ``DATASET_ID``, with room for far more than one run."""
+    path = str(tmp_path / "ledger.db")
+    PrivacyLedger(path).init_dataset(DATASET_ID, epsilon=50.0, delta=DELTA)
+    return path
 
 
-@pytest.mark.parametrize("cls", HANDLERS)
-def test_attach_is_idempotent(cls):
-    trainer = make_trainer(target_delta=1e-3, target_epsilon=50.0)
-    before = _count(trainer, cls)
-    handler = cls()
+# class -> (build with non-default arguments, build with defaults, trainer arguments for a run that changes state)
+CONTRACT = {
+    PrivacyAccountantHandler: (
+        lambda tmp: PrivacyAccountantHandler(delta=1e-4, epsilon_key="eps_1e-4", iteration_interval=3),
+        lambda tmp: PrivacyAccountantHandler(),
+        {"max_epochs": 1},
+    ),
+    PrivacyBudgetHandler: (
+        lambda tmp: PrivacyBudgetHandler(target_epsilon=2.0),
+        lambda tmp: PrivacyBudgetHandler(),
+        {"max_epochs": 20},  # the cap of 2.0 stops this run early
+    ),
+    PrivacyLedgerHandler: (
+        lambda tmp: PrivacyLedgerHandler(_ledger(tmp), dataset_id=DATASET_ID, note="contract suite"),
+        lambda tmp: PrivacyLedgerHandler(str(tmp / "ledger.db")),
+        {"max_epochs": 1},
+    ),
+    PrivacyReportHandler: (
+        lambda tmp: PrivacyReportHandler(report_file=str(tmp / "models" / "privacy_report.json")),
+        lambda tmp: PrivacyReportHandler(report_file=str(tmp / "other" / "privacy_report.json")),
+        {"max_epochs": 1},
+    ),
+}
+
+
+def _package_handlers() -> set:
+    found = (getattr(handlers_pkg, name) for name in handlers_pkg.__all__)
+    return {obj for obj in found if inspect.isclass(obj) and obj.__name__.endswith("Handler")}
+
+
+def test_every_handler_is_covered():
+    assert _package_handlers() == set(CONTRACT), "add every handler of monai_dp.handlers to CONTRACT"
+
+
+def _footprint(engine, handler) -> tuple:
+    """What attaching ``handler`` leaves on ``engine``: its event registrations and the budget's gates (if any)."""
+    def mine(h):
+        return getattr(h, "__self__", h) is handler
+
+    registrations = sorted((str(ev), sum(mine(h) for h, *_ in hs)) for ev, hs in engine._event_handlers.items())
+    gates = tuple(str(getattr(g, "name", g)) for g in getattr(engine.privacy, "gates", ()))
+    return tuple(r for r in registrations if r[1]), gates
+
+
+def _assert_plain(value, where="state") -> None:
+    """Only what ``torch.load(weights_only=True)`` accepts and compares by value: no enums, dataclasses, objects."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _assert_plain(v, f"{where}[{i}]")
+        return
+    assert type(value) is dict, f"{where} is a {type(value).__name__}"
+    for k, v in value.items():
+        assert isinstance(k, (str, int)), f"{where} has a key of type {type(k).__name__}"
+        _assert_plain(v, f"{where}[{k!r}]")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
+def test_attach_is_idempotent(cls, tmp_path):
+    make, _, _ = CONTRACT[cls]
+    trainer = make_trainer(target_delta=DELTA, target_epsilon=50.0)
+    handler = make(tmp_path)
+    before = _footprint(trainer, handler)
     handler.attach(trainer)
-    after_one = _count(trainer, cls)
+    after_one = _footprint(trainer, handler)
     handler.attach(trainer)
-    assert _count(trainer, cls) == after_one > before
+    assert _footprint(trainer, handler) == after_one != before
 
 
-@pytest.mark.parametrize("cls", HANDLERS)
+@pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
 def test_state_is_plain_and_round_trips(cls, tmp_path):
-    trainer = make_trainer(target_delta=1e-3, target_epsilon=50.0)
+    make, make_default, run_kw = CONTRACT[cls]
+    handler = make(tmp_path)
+    trainer = make_trainer(target_delta=DELTA, handlers=[handler], **run_kw)
     trainer.run()
-    handler = cls()
-    handler.attach(trainer)
-    torch.save(handler.state_dict(), tmp_path / "state.pt")
+    state = handler.state_dict()
+    _assert_plain(state)
+    default_state = make_default(tmp_path).state_dict()
+    assert not _same(state, default_state), "the run must leave non-default state, or the round trip shows nothing"
+
+    torch.save(state, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
-    fresh = cls()
+    fresh = make_default(tmp_path)
     fresh.load_state_dict(loaded)
-    if not isinstance(fresh, _Report):
-        assert fresh.state_dict() == handler.state_dict() or isinstance(fresh, PrivacyAccountantHandler)
-    if isinstance(fresh, PrivacyAccountantHandler):
-        other = make_trainer(target_delta=1e-3, target_epsilon=50.0)
-        fresh.attach(other)
-        # the accounting round-trips; the digest is of the weights of whichever trainer is attached
-        strip = lambda sd: {k: v for k, v in sd.items() if k != "weights_digest"}  # noqa: E731
-        assert strip(fresh.state_dict()) == strip(handler.state_dict())
+    assert _same(fresh.state_dict(), state)
+    # what is loaded is copied, not shared: changing the file's dict later does not change the handler
+    loaded.clear()
+    assert _same(fresh.state_dict(), state)
 
 
-@pytest.mark.parametrize("cls", HANDLERS)
-def test_refuses_a_non_dp_engine(cls):
+@pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
+def test_refuses_a_non_dp_engine(cls, tmp_path):
     with pytest.raises(TypeError, match=r"`engine` must be a DP trainer"):
-        cls().attach(Engine(lambda e, b: None))
+        CONTRACT[cls][0](tmp_path).attach(Engine(lambda e, b: None))
 
 
-@pytest.mark.parametrize("cls", HANDLERS)
-def test_load_state_dict_type_checked(cls):
+@pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
+def test_load_state_dict_type_checked(cls, tmp_path):
     with pytest.raises(TypeError, match=r"`state_dict` must be a dict, got 'list'"):
-        cls().load_state_dict([1, 2])
-
-
-def test_report_handler_writes_report_and_metadata_keeping_other_keys(tmp_path):
-    import json
-
-    meta = tmp_path / "metadata.json"
-    meta.write_text(json.dumps({"version": "0.1.0", "privacy": {"unit": "record", "note": "kept"}}))
-    handler = PrivacyReportHandler(report_file=str(tmp_path / "models" / "report.json"), meta_file=str(meta))
-    trainer = make_trainer(target_delta=1e-3, handlers=[handler])
-    trainer.run()
-    report = json.loads((tmp_path / "models" / "report.json").read_text())
-    assert report["steps"] == trainer.dp_steps and report["epsilon"] == trainer.get_epsilon()
-    assert report["noise_multiplier"] == 1.0 and report["sample_rate"] == pytest.approx(0.1)
-    saved = json.loads(meta.read_text())
-    assert saved["version"] == "0.1.0" and saved["privacy"]["note"] == "kept"
-    assert saved["privacy"]["epsilon"] == report["epsilon"]
-
-
-def test_report_handler_writes_on_failure_and_reraises(tmp_path):
-    handler = PrivacyReportHandler(report_file=str(tmp_path / "report.json"))
-    trainer = make_trainer(target_delta=1e-3, handlers=[handler])
-
-    @trainer.on(Events.ITERATION_COMPLETED(once=3))
-    def _boom(engine):
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        trainer.run()
-    import json
-
-    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 3
-
-
-def test_budget_handler_own_cap_is_smaller_budget():
-    trainer = make_trainer(max_epochs=20, noise_multiplier=1.0, target_epsilon=50.0, target_delta=1e-3,
-                           accountant="rdp", handlers=[PrivacyBudgetHandler(target_epsilon=2.0)])
-    trainer.run()
-    assert trainer.get_epsilon() <= 2.0
-    assert trainer.privacy.accountant.epsilon_after(1e-3, 1.0, 0.1, 1) > 2.0
-
-
-def test_accountant_handler_reports_at_another_delta():
-    trainer = make_trainer(target_delta=1e-3, handlers=[PrivacyAccountantHandler(delta=1e-6, epsilon_key="eps_1e-6")])
-    trainer.run()
-    assert trainer.state.metrics["eps_1e-6"] == pytest.approx(trainer.get_epsilon(1e-6))
-    assert trainer.state.metrics["eps_1e-6"] > trainer.get_epsilon(1e-3)
-    assert "epsilon" not in trainer.state.metrics  # the user's handler replaces the default one
+        CONTRACT[cls][1](tmp_path).load_state_dict([1, 2])
