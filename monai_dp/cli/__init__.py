@@ -4,7 +4,7 @@
     monai-dp ledger COMMAND     the persistent privacy ledger (:mod:`monai_dp.cli.ledger`)
     monai-dp audit  [options]   membership-inference audit of a recipe (:mod:`monai_dp.cli.audit`)
 
-Each command's module is imported only when it is run, so ``monai-dp ledger`` never loads torch.
+Each command's module is imported only when it is run: ``monai-dp ledger`` loads neither the audit nor the demo.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ def _dataset_lines(d: dict, markdown: bool) -> list[str]:
 def format_account(path: str, head: str, events: int, datasets: list[dict], markdown: bool) -> str:
     """The account of ``datasets`` (:meth:`PrivacyLedger.summary`) with the head of the ledger's hash chain."""
     lines = [f"# Privacy ledger `{path}`\n" if markdown else f"Privacy ledger {path}",
-             f"Hash chain head: {head} ({events} events); keep a copy to check the ledger against it later with "
-             "`monai-dp ledger verify --expect-head`."]
+             (f"Hash chain head: {head} ({events} events); keep a copy to check the ledger against it later with "
+              "`monai-dp ledger verify --expect-head`.")]
     if not datasets:
         lines.append("No data set registered.")
     for d in datasets:
