@@ -7,6 +7,20 @@ Two changes to Opacus, same update otherwise (tested against Opacus' own):
   ``secure_mode`` draws it from a cryptographic stream (:class:`~monai_dp.utils.randomness.SecureGaussian`)
   rekeyed from ``os.urandom`` before every step;
 - ``scale_grad`` and ``clip_and_accumulate`` are linear, not quadratic, in the number of parameter tensors.
+
+How the trainer uses it: the clipping is done before the optimizer, by a clipper
+(:class:`~monai_dp.networks.AutoClipper`, ``clipped_sum`` per physical batch); the trainer adds the physical
+batches' clipped sums, puts the total into ``p.summed_grad`` and sets ``p.grad_sample`` to an empty
+``(0, *p.shape)`` tensor, then calls ``step()``. ``clip_and_accumulate`` then always takes its "no per-item
+gradients" path (the clipped sum is what is already in ``summed_grad``; an empty Poisson batch, with no
+``summed_grad``, gets zeros), ``add_noise`` adds the noise to that sum and ``scale_grad`` divides by the expected
+batch size. Per-item gradients in ``p.grad_sample`` (Opacus' own use) are still clipped by Opacus' code.
+
+Opacus version: checked against opacus 1.6.0. This patch relies on Opacus internals: the private
+``_check_processed_flag`` / ``_mark_as_processed`` (the "gradients used twice" guard), ``DPOptimizer.pre_step``
+calling ``clip_and_accumulate``, then ``add_noise``, then ``scale_grad``, ``accumulated_iterations`` and
+``DistributedDPOptimizer``'s ``rank`` / ``world_size``. tests/engines/test_optimizer.py fails if any of these
+changes; re-check this file against the new Opacus source before relaxing it.
 """
 
 from __future__ import annotations
@@ -25,8 +39,8 @@ class _PrivateNoiseMixin:
 
     ``scale_grad`` read ``accumulated_iterations`` (a loop over all parameters) once per parameter: quadratic
     (0.1-0.3 s per step for DenseNet121's 364 tensors); here it is read once. ``clip_and_accumulate`` with no
-    per-item gradients (ghost clipping put the clipped sum in ``summed_grad``; or an empty Poisson batch) built
-    and added a zero tensor per parameter; here it only does the bookkeeping Opacus checks (processed flags).
+    per-item gradients (the trainer's clipper put the clipped sum in ``summed_grad``; or an empty Poisson batch)
+    built and added a zero tensor per parameter; here it only does the bookkeeping Opacus checks (processed flags).
     """
 
     def add_noise(self) -> None:
