@@ -1,4 +1,5 @@
-"""The privacy report: JSON + markdown, patient information, and the patient-level guarantee of record-level runs."""
+"""PrivacyReportHandler and the privacy report: JSON + markdown, metadata, patient information, and the
+patient-level guarantee of record-level runs."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import json
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
+from ignite.engine import Events
 from torch import nn
 
 from monai_dp.engines import DPSupervisedTrainer
-from monai_dp.handlers import PrivacyReportHandler
+from monai_dp.handlers import PrivacyReportHandler, report_markdown
 from monai_dp.privacy import group_privacy_epsilon, patient_level_epsilon
 from tests.conftest import TinyClassifier
 from tests.engines.test_patient_level import _patient_data
+from tests.engines.test_trainer import make_trainer
 
 
 def _run(unit: str, tmp_path, **kw):
@@ -52,3 +55,41 @@ def test_patient_level_report(tmp_path):
     assert report["patients"]["histogram"] == {"1": 2, "2": 2, "3": 2, "4": 2, "5": 4}
     assert report["epsilon"] == pytest.approx(trainer.get_epsilon())
     assert "patient-level DP-SGD" in md and "12" in md
+
+
+def test_report_handler_writes_report_and_metadata_keeping_other_keys(tmp_path):
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps({"version": "0.1.0", "privacy": {"unit": "record", "note": "kept"}}))
+    handler = PrivacyReportHandler(report_file=str(tmp_path / "models" / "report.json"), meta_file=str(meta))
+    trainer = make_trainer(target_delta=1e-3, handlers=[handler])
+    trainer.run()
+    report = json.loads((tmp_path / "models" / "report.json").read_text())
+    assert report["steps"] == trainer.dp_steps > 0 and report["epsilon"] == trainer.get_epsilon() > 0
+    assert report["noise_multiplier"] == 1.0 and report["sample_rate"] == pytest.approx(0.1)
+    saved = json.loads(meta.read_text())
+    assert saved["version"] == "0.1.0" and saved["privacy"]["note"] == "kept"
+    assert saved["privacy"]["epsilon"] == report["epsilon"]
+    assert handler.last_report["epsilon"] == report["epsilon"]
+
+
+def test_report_handler_writes_on_failure_and_reraises(tmp_path):
+    handler = PrivacyReportHandler(report_file=str(tmp_path / "report.json"))
+    trainer = make_trainer(target_delta=1e-3, handlers=[handler])
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=3))
+    def _boom(engine):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 3
+
+
+def test_markdown_states_epsilon_delta_steps_and_a_seeded_run():
+    report = {"unit": "record", "epsilon": 1.23456, "delta": 1e-5, "steps": 17, "accountant": "prv",
+              "noise_multiplier": 1.1, "history": [[1.1, 0.1, 17]], "max_grad_norm": 0.5, "sample_rate": 0.1,
+              "sampling": "poisson", "num_units": 40, "target_epsilon": 2.0, "budget_exhausted": False,
+              "randomness": {"source": "given seeds", "secure_mode": False, "warning": "SEEDED"}}
+    md = report_markdown(report)
+    assert "(ε, δ) = (1.235, 1e-05)" in md and "after 17 steps (PRV accountant)" in md
+    assert "**SEEDED**" in md and "| clip norm C | 0.5 |" in md
