@@ -167,3 +167,18 @@ def test_distributed_optimizer_rank_attributes_and_update(single_process_group):
     for mine, theirs in zip(updates[half:], updates[:half]):
         for a, b in zip(mine, theirs):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [DPOptimizer, PrivateNoiseDPOptimizer])
+@pytest.mark.parametrize("rows", [0, 6])
+def test_a_grad_sample_is_never_used_twice(cls, rows):
+    """After a skipped step (clip only) the same ``grad_sample`` cannot be accumulated again: Opacus' guard, kept
+    by the patch's empty-batch path too."""
+    params = _params()
+    opt = _optimizer(cls, params)
+    for p, g in zip(params, _per_item(rows)):
+        p.grad_sample = g
+    opt.signal_skip_step(do_skip=True)
+    opt.step()
+    with pytest.raises(ValueError, match=r"Gradients haven't been cleared"):
+        opt.step()
