@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import warnings
 
-from monai_dp.privacy.accountants import create_accountant
+from monai_dp.privacy.registry import create_accountant
 from monai_dp.utils.validation import (
     check_open_unit_interval,
     check_positive,
@@ -33,7 +33,7 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
         target_delta: δ in (0, 1).
         sample_rate: Poisson sample rate q in (0, 1].
         steps: planned number of steps, >= 1.
-        accountant: ``"prv"``, ``"rdp"`` or ``"gdp"``.
+        accountant: ``"prv"``, ``"rdp"``, ``"gdp"``, ``"pld"`` or a registered name.
         epsilon_tolerance: how far below the target the returned σ's ε may be.
 
     Raises:

@@ -7,7 +7,8 @@ import sqlite3
 from typing import Any, NamedTuple
 
 from monai_dp.privacy.ledger_run import RunPlan, charged, composed_epsilon
-from monai_dp.privacy.pld import Mechanism, compose_epsilon, max_steps_within_budget
+from monai_dp.privacy.mechanism import Mechanism, largest_passing
+from monai_dp.privacy.pld import compose_epsilon, max_steps_within_budget
 from monai_dp.utils.validation import check_choice, check_positive, check_positive_int, error_message
 
 __all__ = ["Request", "check_request", "exhausted_message", "plan_run"]
@@ -60,15 +61,16 @@ def plan_run(ds: sqlite3.Row, req: Request, spent: tuple[Mechanism, ...]) -> Run
     if after > eps:
         n = max_steps_within_budget(spent, req.noise_multiplier, req.sample_rate, req.group_size, eps, delta,
                                     req.planned_steps)
-        after = spent_eps
-        # the ledger composes same-mechanism runs as one term; make sure that (its reported total) fits too
-        while n > 0:
-            after = composed_epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate, n, req.group_size)],
-                                     delta)
-            if after <= eps:
-                break
-            n -= 1
-        after = after if n else spent_eps
+
+        def fits(k: int) -> bool:
+            return composed_epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate, k, req.group_size)],
+                                    delta) <= eps
+
+        # the ledger composes same-mechanism runs as one term; make sure that (its reported total) fits too:
+        # the largest count up to n that fits, walking down from n (one query when n itself fits)
+        n = largest_passing(fits, n, start=n)
+        after = composed_epsilon([*spent, Mechanism(req.noise_multiplier, req.sample_rate, n, req.group_size)],
+                                 delta) if n else spent_eps
     return RunPlan(ds["dataset_id"], req.planned_steps, n, spent_eps, after, eps, delta)
 
 

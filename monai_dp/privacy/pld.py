@@ -1,7 +1,8 @@
 """Tight accounting with privacy loss distributions (Google's ``dp-accounting``), including groups of records.
 
-- :class:`PLDAccountant` (``accountant="pld"``): the Poisson-sampled Gaussian mechanism, composed with the
-  pessimistic PLD of ``dp_accounting`` (an upper bound on ε for any discretisation).
+- :class:`PLDAccountant` (``accountant="pld"``, in :mod:`monai_dp.privacy.accountant_pld`): the Poisson-sampled
+  Gaussian mechanism, composed with the pessimistic PLD of ``dp_accounting`` (an upper bound on ε for any
+  discretisation).
 - :func:`compose_epsilon`: ε of several runs with different (σ, q, steps), each optionally protecting a
   *group* of ``k`` records that were sampled independently (a patient with ``k`` images under record-level
   sampling). For a group the mechanism is a Poisson-subsampled mixture of Gaussians: ``j`` of the ``k`` records
@@ -17,74 +18,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
-from typing import NamedTuple
 
-from monai_dp.privacy.accountants import DPAccountant, History, _check_count, _check_mechanism
+from monai_dp.privacy.accountant_pld import (
+    PLD_GROUP_INTERVAL,
+    PLD_INTERVAL,
+    PLDAccountant,
+    composed_pld,
+    pld_epsilon,
+)
+from monai_dp.privacy.mechanism import (
+    Mechanism,
+    check_count,
+    check_entry,
+    largest_passing,
+)
 from monai_dp.utils.validation import check_open_unit_interval, check_positive
 
-__all__ = ["Mechanism", "PLDAccountant", "compose_epsilon", "group_privacy_epsilon", "max_steps_within_budget",
-           "patient_level_epsilon", "privacy_profile"]
-
-PLD_INTERVAL = 1e-4  # value discretisation of the privacy loss for single records (dp_accounting's default)
-PLD_GROUP_INTERVAL = 1e-3  # for groups: the loss range grows with k; still an upper bound, slightly looser
-_PIP = "pip install dp-accounting"
-
-
-class Mechanism(NamedTuple):
-    """``steps`` steps of the Poisson-sampled Gaussian mechanism, protecting a group of ``group_size`` records."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    group_size: int = 1
-
-
-def _dp_accounting():
-    try:
-        from dp_accounting import dp_event
-        from dp_accounting.pld import pld_privacy_accountant
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ImportError(f"PLD accounting needs Google's dp-accounting package: {_PIP}") from err
-    return dp_event, pld_privacy_accountant
-
-
-def _check(m: Mechanism | Sequence) -> Mechanism:
-    m = Mechanism(*m)
-    sigma, q, n = _check_mechanism(m.noise_multiplier, m.sample_rate, m.steps, "steps", 0)
-    return Mechanism(sigma, q, n, _check_count("group_size", m.group_size, 1))
-
-
-def _event(m: Mechanism):
-    dp_event, _ = _dp_accounting()
-    if m.group_size == 1:
-        step = dp_event.PoissonSampledDpEvent(m.sample_rate, dp_event.GaussianDpEvent(m.noise_multiplier))
-    else:
-        weights = [math.comb(m.group_size, j) * m.sample_rate**j * (1 - m.sample_rate) ** (m.group_size - j)
-                   for j in range(m.group_size + 1)]
-        step = dp_event.MixtureOfGaussiansDpEvent(m.noise_multiplier, list(range(m.group_size + 1)), weights)
-    return dp_event.SelfComposedDpEvent(step, m.steps)
-
-
-@lru_cache(maxsize=2048)
-def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float) -> float:
-    live = tuple(m for m in mechanisms if m.steps > 0)
-    if not live:
-        return 0.0
-    if any(m.noise_multiplier == 0 for m in live):
-        return math.inf
-    dp_event, pld = _dp_accounting()
-    interval = PLD_INTERVAL if all(m.group_size == 1 for m in live) else PLD_GROUP_INTERVAL
-    acc = pld.PLDAccountant(value_discretization_interval=interval)
-    acc.compose(dp_event.ComposedDpEvent([_event(m) for m in live]))
-    eps = float(acc.get_epsilon(delta))
-    return math.inf if math.isnan(eps) else max(eps, 0.0)
+__all__ = [
+    "PLD_GROUP_INTERVAL",
+    "PLD_INTERVAL",
+    "Mechanism",
+    "PLDAccountant",
+    "compose_epsilon",
+    "group_privacy_epsilon",
+    "max_steps_within_budget",
+    "patient_level_epsilon",
+    "privacy_profile",
+]
 
 
 def compose_epsilon(mechanisms: Sequence[Mechanism | Sequence], delta: float) -> float:
     """ε at ``delta`` of all ``mechanisms`` composed (tight PLD; 0 for none, ``inf`` if some σ is 0)."""
     delta = check_open_unit_interval("delta", delta)
-    return _epsilon(tuple(_check(m) for m in mechanisms), delta)
+    return pld_epsilon(tuple(Mechanism.checked(m) for m in mechanisms), delta)
 
 
 def patient_level_epsilon(noise_multiplier: float, sample_rate: float, steps: int, records_per_patient: int,
@@ -105,9 +71,9 @@ def group_privacy_epsilon(noise_multiplier: float, sample_rate: float, steps: in
     import numpy as np
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    k = _check_count("group_size", group_size, 1)
+    k = check_count("group_size", group_size, 1)
     delta = check_open_unit_interval("delta", delta)
-    sigma, q, n = _check_mechanism(noise_multiplier, sample_rate, steps, "steps", 1)
+    sigma, q, n = check_entry(noise_multiplier, sample_rate, steps, "steps", 1)
     if sigma == 0:
         return math.inf
     orders = np.concatenate([np.linspace(1.05, 10, 100), np.arange(10, 200, 0.5), np.arange(200, 4100, 5)])
@@ -137,28 +103,13 @@ def max_steps_within_budget(spent: Sequence[Mechanism | Sequence], noise_multipl
     Used by the privacy ledger to shorten or refuse a run before its first step.
     """
     target_epsilon = check_positive("target_epsilon", target_epsilon)
-    limit = _check_count("limit", limit, 0)
-    base = [_check(m) for m in spent]
+    limit = check_count("limit", limit, 0)
+    base = [Mechanism.checked(m) for m in spent]
 
     def ok(n: int) -> bool:
         return compose_epsilon([*base, Mechanism(noise_multiplier, sample_rate, n, group_size)], delta) <= target_epsilon
 
-    if not ok(0):
-        return 0
-    lo, hi = 0, 1
-    while True:
-        probe = min(hi, limit)
-        if not ok(probe):
-            hi = probe
-            break
-        lo = probe
-        if probe == limit:
-            return limit
-        hi *= 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    return largest_passing(ok, limit) if ok(0) else 0
 
 
 def privacy_profile(mechanisms: Sequence[Mechanism | Sequence], epsilons: Sequence[float]) -> list[float]:
@@ -167,24 +118,10 @@ def privacy_profile(mechanisms: Sequence[Mechanism | Sequence], epsilons: Sequen
     The profile determines the mechanism's whole trade-off curve between false and true positive rates of any
     membership test, which :mod:`monai_dp.audit.bounds` turns into bounds on attacks.
     """
-    mech = tuple(m for m in (_check(m) for m in mechanisms) if m.steps > 0)
+    mech = tuple(m for m in (Mechanism.checked(m) for m in mechanisms) if m.steps > 0)
     if not mech:
         return [0.0 for _ in epsilons]
     if any(m.noise_multiplier == 0 for m in mech):
         return [1.0 for _ in epsilons]
-    dp_event, pld = _dp_accounting()
-    interval = PLD_INTERVAL if all(m.group_size == 1 for m in mech) else PLD_GROUP_INTERVAL
-    acc = pld.PLDAccountant(value_discretization_interval=max(interval, 1e-3))
-    acc.compose(dp_event.ComposedDpEvent([_event(m) for m in mech]))
+    acc = composed_pld(mech, minimum_interval=1e-3)
     return [float(min(1.0, max(0.0, acc.get_delta(float(e))))) for e in epsilons]
-
-
-class PLDAccountant(DPAccountant):
-    """Privacy loss distribution accountant (``dp-accounting``): tight, a pessimistic upper bound on ε."""
-
-    name = "pld"
-
-    @staticmethod
-    def compute_epsilon(history: History, delta: float) -> float:
-        return _epsilon(tuple(Mechanism(s, q, n) for s, q, n in history), delta)
-

@@ -19,7 +19,7 @@ from monai_dp.privacy import (
     RDPAccountant,
     create_accountant,
 )
-from monai_dp.privacy import accountants as accountants_module
+from monai_dp.privacy import accountant_prv, accountant_rdp
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -299,9 +299,9 @@ def test_prv_falls_back_to_rdp_where_opacus_fails():
 def test_prv_widens_its_error_bracket_instead_of_building_a_huge_grid(monkeypatch):
     history = ((1.0, 0.02, 400), (3.0, 0.1, 200))
     tight = PRVAccountant.compute_epsilon(history, DELTA)
-    monkeypatch.setattr(accountants_module, "PRV_MAX_GRID", 2**12)
-    domain = accountants_module._prv_domain(history, DELTA / 1000)
-    assert accountants_module._prv_eps_error(history, DELTA / 1000, domain) > 0.05
+    monkeypatch.setattr(accountant_prv, "PRV_MAX_GRID", 2**12)
+    domain = accountant_prv.prv_domain(history, DELTA / 1000)
+    assert accountant_prv.prv_eps_error(history, DELTA / 1000, domain) > 0.05
     wide = PRVAccountant.compute_epsilon(history, DELTA)
     assert tight < wide < tight + 1.0  # still a valid upper bound, only looser
 
@@ -333,17 +333,17 @@ def test_cached_prv_and_rdp_equal_opacus_own(history):
         warnings.simplefilter("ignore", UserWarning)
         assert PRVAccountant.compute_epsilon(history, 1e-5) == prv.get_epsilon(1e-5, eps_error=0.01, delta_error=1e-8)
         assert RDPAccountant.compute_epsilon(history, 1e-5) == rdp.get_epsilon(
-            1e-5, alphas=list(OpacusRDP.DEFAULT_ALPHAS) + list(accountants_module.RDP_EXTRA_ORDERS))
+            1e-5, alphas=list(OpacusRDP.DEFAULT_ALPHAS) + list(accountant_rdp.RDP_EXTRA_ORDERS))
         domain = compute_safe_domain_size([PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history],
                                           [n for _, _, n in history], 0.01, 1e-8)
-    assert accountants_module._prv_domain(history, 1e-8) == domain
+    assert accountant_prv.prv_domain(history, 1e-8) == domain
 
 
 def test_a_growing_history_reuses_the_rdp_vectors():
-    accountants_module._rdp_per_step.cache_clear()
+    accountant_rdp.rdp_per_step.cache_clear()
     acc = PRVAccountant()
     for _ in range(3):
         acc.step(noise_multiplier=1.1, sample_rate=0.05, num_steps=10)
         acc.get_epsilon(1e-5)
-    info = accountants_module._rdp_per_step.cache_info()
+    info = accountant_rdp.rdp_per_step.cache_info()
     assert info.misses == 1 and info.hits >= 5  # one (σ, q) pair: computed once, then read
