@@ -26,7 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_dp.networks.clip_contract import ClippedSum, clip_and_sum, trainable_parameters
+from monai_dp.networks.clip_contract import (
+    ClippedSum,
+    clip_and_sum,
+    trainable_parameters,
+)
 from monai_dp.networks.ghost import GhostClipping
 from monai_dp.networks.grad_sample import PerSampleGradients
 from monai_dp.utils.errors import DPIncompatibleModuleError

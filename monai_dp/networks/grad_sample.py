@@ -32,7 +32,11 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from monai_dp.networks.clip_contract import ClippedSum, clip_and_sum, trainable_parameters
+from monai_dp.networks.clip_contract import (
+    ClippedSum,
+    clip_and_sum,
+    trainable_parameters,
+)
 from monai_dp.utils.errors import DPIncompatibleModuleError
 from monai_dp.utils.validation import check_choice, check_positive, error_message
 

@@ -12,7 +12,10 @@ import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
+from monai_dp.engines.optimizer import (
+    PrivateNoiseDistributedDPOptimizer,
+    PrivateNoiseDPOptimizer,
+)
 from monai_dp.networks.clip_contract import clip_and_sum
 
 CLIP = 1.0

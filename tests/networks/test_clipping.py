@@ -16,10 +16,10 @@ from monai_dp.networks import (
     ClippedSum,
     GhostClipping,
     PerSampleGradients,
+    clipping,
     make_clipper,
     trainable_parameters,
 )
-from monai_dp.networks import clipping
 from monai_dp.utils.errors import DPIncompatibleModuleError
 from tests.networks.test_ghost import GROUPS, OWN, _setup
 
