@@ -1,28 +1,18 @@
-"""Construction helpers of :class:`~monai_dp.engines.DPSupervisedTrainer`: sampling units, fingerprints,
-processes, physical chunks of a logical batch."""
+"""Construction helpers of :class:`~monai_dp.engines.DPSupervisedTrainer`: fingerprints, processes, physical
+chunks of a logical batch."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from monai_dp.data.patients import (
-    PatientDataset,
-    PatientIdError,
-    normalize_patient_ids,
-    patient_ids_of,
-    records_per_patient_summary,
-)
 from monai_dp.networks import GhostClipping
 from monai_dp.utils.errors import DPIncompatibleModuleError
-from monai_dp.utils.validation import error_message
 
-__all__ = ["broadcast_parameters", "dist_rank_world", "ghost_clipping", "item_chunks", "records_fingerprint",
-           "sampling_units"]
+__all__ = ["broadcast_parameters", "dist_rank_world", "ghost_clipping", "item_chunks", "records_fingerprint"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
 
@@ -38,41 +28,6 @@ def ghost_clipping(network: torch.nn.Module, loss_function: Callable, inferer: A
             raise
         logger.info("Per-sample gradients (ghost clipping does not support: %s).", str(err).splitlines()[0][:200])
         return None
-
-
-def sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Sequence | None,
-                    max_records_per_patient: int | None) -> tuple[PatientDataset | None, dict | None]:
-    """The patient-level dataset to sample (``None`` at record level) and the records-per-patient summary.
-
-    At record level the summary is still computed when the records carry patient ids, so the report can
-    state the (weaker) patient-level guarantee that the record-level run implies.
-    """
-    dataset = loader.dataset if isinstance(loader, DataLoader) else None
-    if unit == "record":
-        if max_records_per_patient is not None:
-            raise ValueError(error_message("max_records_per_patient", "None with privacy_unit='record'",
-                                           max_records_per_patient, "Use privacy_unit='patient'."))
-        try:
-            ids = normalize_patient_ids(patient_ids) if patient_ids is not None else None
-            if ids is None and dataset is not None:
-                try:
-                    ids = patient_ids_of(dataset, patient_key)
-                except PatientIdError:
-                    raise
-                except ValueError:  # no patient ids: nothing to say about patients
-                    ids = None
-        except PatientIdError as err:
-            logger.warning("The records' patient ids are ambiguous (%s); the report states no patient-level "
-                           "guarantee. Fix the ids to get it.", err)
-            ids = None
-        return None, (records_per_patient_summary(ids) if ids else None)
-    ids = normalize_patient_ids(patient_ids) if patient_ids is not None else patient_ids_of(dataset, patient_key)
-    units = PatientDataset(dataset, ids, max_records_per_patient)
-    summary = records_per_patient_summary(ids)
-    logger.info("Patient-level DP: %d records of %d patients (records per patient: median %.3g, max %d)%s.",
-                summary["num_records"], summary["num_patients"], summary["median"], summary["max"],
-                "" if max_records_per_patient is None else f"; at most {max_records_per_patient} per patient per step")
-    return units, summary
 
 
 def records_fingerprint(loader: Any, patient_key: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,50 +18,43 @@ from monai.engines.utils import (
 )
 from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
-from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from monai_dp.data import (
     dataset_length,
     get_row_groups,
     is_empty_batch,
-    loader_batch_size,
-    make_poisson_loader,
 )
-from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
-from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.digest import weights_digest
 from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
-from monai_dp.engines.privacy_state import PrivacyState
+from monai_dp.engines.builder import DPOptions, build_dp_setup
+from monai_dp.privacy.budget import PrivacyBudget
 from monai_dp.engines.setup import (
-    broadcast_parameters,
-    dist_rank_world,
-    ghost_clipping,
     item_chunks,
     records_fingerprint,
-    sampling_units,
 )
-from monai_dp.losses import check_per_sample_loss, check_targets
-from monai_dp.networks import (
-    PerSampleGradients,
-    find_incompatible_modules,
-    make_private_compatible,
-)
+from monai_dp.losses import check_targets
 from monai_dp.utils.errors import (
     DPConfigurationError,
     DPIncompatibleModuleError,
     NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
-from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING, SecureGaussian, os_seed, private_generator
-from monai_dp.utils.validation import check_choice, check_positive_int, error_message
+from monai_dp.utils.randomness import os_seed
+from monai_dp.utils.validation import error_message
 
 __all__ = ["DPSupervisedTrainer"]
 
 logger = logging.getLogger(__name__)
 
-PRIVACY_UNITS = ("record", "patient")
-GRAD_SAMPLE_MODES = ("auto", "ghost", "per_sample")
+
+
+class _StepGate:
+    """Puts the trainer's own budget gate first on ``ITERATION_STARTED`` (before any user handler)."""
+
+    def attach(self, engine: Any) -> None:
+        if not engine.has_event_handler(engine._budget_gate, Events.ITERATION_STARTED):
+            engine.add_event_handler(Events.ITERATION_STARTED, engine._budget_gate)
 
 
 class DPSupervisedTrainer(SupervisedTrainer):
@@ -73,7 +67,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             epochs spend at most ε; with it, ε is a cap and training stops before the step that would exceed it.
         target_delta: δ; must be below 1/N. Default ``min(1e-5, 1/(10 N))``.
         noise_multiplier: σ, noise standard deviation relative to ``max_grad_norm``.
-        max_grad_norm: clip norm C of each sampled item's gradient.
+        max_grad_norm: clip norm C of each sampled item's gradient (default 1.0).
         accountant: ``"prv"`` (default, tight), ``"pld"`` (tight, Google's dp-accounting), ``"rdp"`` (about 9 %
             looser in ε) or ``"gdp"`` (an approximation, not a bound: needs ``allow_approximate_accounting``).
         allow_approximate_accounting: allow ``accountant="gdp"``; logged as a WARNING.
@@ -107,6 +101,17 @@ class DPSupervisedTrainer(SupervisedTrainer):
             the faster of the two, timed on the first physical batch (where ghost clipping supports every
             layer; the two clipped sums are compared there too, and a mismatch raises). Both give the same
             clipped sum (tested to float64 precision), so the guarantee does not depend on the choice.
+        planned_epochs / planned_steps: the privacy plan: σ is calibrated from ``target_epsilon`` over this many
+            epochs (or logical steps) instead of ``max_epochs``, so a job that runs the trainer again with a
+            larger ``max_epochs`` (MONAI FL's ``MonaiAlgo``: ``state.max_epochs = epoch + local_epochs``, then
+            ``run()``) keeps one σ and one budget across its runs.
+        privacy_budget: the :class:`~monai_dp.privacy.budget.PrivacyBudget` of an earlier trainer
+            (``trainer.privacy``) to continue: its plan, σ, accounting and gates carry on (the next federated
+            round, the next retrain); the training set, batch size and unit must be the same, and the DP
+            arguments above must be left unset.
+
+    The privacy budget (``trainer.privacy``) decides every step: the trainer asks it on ``ITERATION_STARTED``
+    and stops gracefully (``state.dp_budget_exhausted``) before the step that would exceed it.
     """
 
     def __init__(
@@ -140,8 +145,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         noise_multiplier: float | None = None,
-        max_grad_norm: float = 1.0,
-        accountant: str = "prv",
+        max_grad_norm: float | None = None,
+        accountant: str | None = None,
         max_physical_batch_size: int | None = None,
         poisson_sampling: bool = True,
         allow_non_poisson_sampling: bool = False,
@@ -157,111 +162,61 @@ class DPSupervisedTrainer(SupervisedTrainer):
         dataset_id: str | None = None,
         allow_approximate_accounting: bool = False,
         grad_sample_mode: str = "auto",
+        planned_epochs: int | None = None,
+        planned_steps: int | None = None,
+        privacy_budget: PrivacyBudget | None = None,
     ) -> None:
-        settings = DPSettings(target_epsilon, target_delta, noise_multiplier, max_grad_norm, accountant,
-                              max_physical_batch_size, allow_approximate_accounting)
-        self._refuse_unsafe_options(iteration_update, compile)
-        check_positive_int("accumulation_steps", accumulation_steps)
-        check_positive_int("max_epochs", max_epochs)
-        self._amp_dtype = check_amp(amp, amp_kwargs)
-        check_per_sample_loss(loss_function)
-        network = self._prepare_network(network, make_compatible)
-
-        unit = check_choice("privacy_unit", privacy_unit, PRIVACY_UNITS)
-        units, patients = sampling_units(train_data_loader, unit, patient_key, patient_ids, max_records_per_patient)
-        num_items = dataset_length(train_data_loader) if units is None else len(units)
-        batch_size = loader_batch_size(train_data_loader)
-        logical = batch_size * accumulation_steps
-        if accumulation_steps > 1:
-            logger.info("accumulation_steps=%d: logical batch %d items, physical batches of at most %d.",
-                        accumulation_steps, logical, batch_size)
-            physical = min(batch_size, max_physical_batch_size or batch_size)
-        else:
-            physical = max_physical_batch_size
-        if not logical <= num_items:
-            raise ValueError(error_message("batch_size * accumulation_steps", f"<= the number of {unit}s N = {num_items}",
-                                           logical, "Lower the batch size."))
-        sample_rate = logical / num_items
-        rank, world = dist_rank_world()
-        if secure_mode and (noise_seed is not None or sampling_seed is not None):
-            raise DPConfigurationError(error_message(
-                "noise_seed" if noise_seed is not None else "sampling_seed", "None with secure_mode=True",
-                noise_seed if noise_seed is not None else sampling_seed,
-                "secure_mode draws the noise and the sampling from the operating system's entropy only."))
-        self._secure_mode = bool(secure_mode)
-        self._sampling_generator = None if world > 1 else private_generator("cpu", sampling_seed)
-        self._loader_spec = {"poisson": poisson_sampling, "allow": allow_non_poisson_sampling,
-                             "sampling_seed": sampling_seed, "rank": rank, "world": world, "unit": unit,
-                             "patient_key": patient_key, "patient_ids": patient_ids,
-                             "max_records": max_records_per_patient, "accumulation_steps": accumulation_steps}
-        loader, sampling = self._build_dp_loader(train_data_loader, sample_rate, units)
-        self._dp_loader = loader
-        steps_per_epoch = epoch_length if epoch_length is not None else len(loader)
-        delta = resolve_delta(settings.target_delta, num_items, unit)
-
-        self.privacy = PrivacyState.create(
-            settings, delta=delta, sample_rate=sample_rate, num_units=num_items,
-            planned_steps=int(max_epochs) * int(steps_per_epoch), sampling=sampling, unit=unit,
-        )
-        self.privacy.patients = patients
-        self._records_fingerprint = records_fingerprint(train_data_loader, patient_key)
-        self.privacy.dataset_id = dataset_id if dataset_id is not None else self._records_fingerprint
-        self.privacy.noise_seed = None if noise_seed is None else int(noise_seed)
-        self.privacy.sampling_seed = None if sampling_seed is None else int(sampling_seed)
-        self.privacy.secure_mode = self._secure_mode
-        if noise_seed is not None or sampling_seed is not None:
-            logger.warning("noise_seed=%s, sampling_seed=%s: %s (for tests only; recorded in the checkpoint, "
-                           "report and ledger).", noise_seed, sampling_seed, REPRODUCIBLE_NOISE_WARNING)
-        self.physical_batch_size = physical
-        self.dp_network_params = self._trainable_in_optimizer(network, optimizer)
-        opt_cls = PrivateNoiseDistributedDPOptimizer if world > 1 else PrivateNoiseDPOptimizer
-        if world > 1:
-            broadcast_parameters(network)
-        # per process: each rank divides by its expected share; the all-reduce then averages over ranks
-        dp_optimizer = opt_cls(
-            optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer,
-            noise_multiplier=self.privacy.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=logical / world, loss_reduction="mean",
-            generator=SecureGaussian() if secure_mode else private_generator(device, noise_seed),
-            secure_mode=secure_mode,
-        )
-        self.privacy.bind(mechanism=self._current_mechanism,
-                          digest=lambda: weights_digest(self.network, self.optimizer))
-        self.grad_sampler = PerSampleGradients(network, loss_function, inferer)
-        self.grad_sample_mode = check_choice("grad_sample_mode", grad_sample_mode, GRAD_SAMPLE_MODES)
-        self.ghost = ghost_clipping(network, loss_function, inferer, self.grad_sample_mode)
-        self._mode_chosen = False
-        self._pred_layout: torch.Tensor | None = None
-
-        from monai_dp.handlers import (
-            PrivacyAccountantHandler,
-            PrivacyBudgetHandler,
-            PrivacyLedgerHandler,
-        )
-
-        handlers = list(train_handlers or [])
-        own: list = []
-        if not any(isinstance(h, PrivacyAccountantHandler) for h in handlers):
-            own.append(PrivacyAccountantHandler())
-        if not any(isinstance(h, PrivacyBudgetHandler) for h in handlers):
-            own.append(PrivacyBudgetHandler())
-        if ledger is not None and not any(isinstance(h, PrivacyLedgerHandler) for h in handlers):
-            own.insert(0, PrivacyLedgerHandler(ledger, self.privacy.dataset_id))
+        args = locals()
+        setup = build_dp_setup(
+            device=device, max_epochs=max_epochs, epoch_length=epoch_length, loader=train_data_loader, network=network,
+            optimizer=optimizer, loss_function=loss_function, inferer=inferer, amp=amp, amp_kwargs=amp_kwargs,
+            accumulation_steps=accumulation_steps, iteration_update=iteration_update, compile=compile,
+            options=DPOptions(**{f.name: args[f.name] for f in fields(DPOptions)}))
+        self.dp_setup, self.privacy, self._dp_loader = setup, setup.budget, setup.loader
+        self._amp_dtype, self.physical_batch_size, self.dp_network_params = (
+            setup.amp_dtype, setup.physical_batch_size, setup.params)
+        self.grad_sampler, self.ghost, self.grad_sample_mode = setup.grad_sampler, setup.ghost, setup.grad_sample_mode
+        self._mode_chosen, self._pred_layout = False, None
         super().__init__(
-            device=device, max_epochs=max_epochs, train_data_loader=loader, network=network, optimizer=dp_optimizer,
-            loss_function=loss_function, epoch_length=epoch_length, non_blocking=non_blocking,
-            prepare_batch=prepare_batch, iteration_update=None, inferer=inferer, postprocessing=postprocessing,
-            key_train_metric=key_train_metric, additional_metrics=additional_metrics, metric_cmp_fn=metric_cmp_fn,
-            train_handlers=own + handlers, amp=amp, event_names=event_names, event_to_attr=event_to_attr,
+            device=device, max_epochs=max_epochs, train_data_loader=setup.loader, network=setup.network,
+            optimizer=setup.optimizer, loss_function=loss_function, epoch_length=epoch_length,
+            non_blocking=non_blocking, prepare_batch=prepare_batch, iteration_update=None, inferer=inferer,
+            postprocessing=postprocessing, key_train_metric=key_train_metric, additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn, train_handlers=self._own_handlers(train_handlers, ledger) + list(
+                train_handlers or []), amp=amp, event_names=event_names, event_to_attr=event_to_attr,
             decollate=decollate, optim_set_to_none=optim_set_to_none, to_kwargs=to_kwargs, amp_kwargs=amp_kwargs,
             compile=False, compile_kwargs=None, accumulation_steps=1,
         )
         self.grad_sampler.inferer = self.inferer
         if self.ghost is not None:
             self.ghost.inferer = self.inferer
-        if self._secure_mode:
+        self.privacy.bind(mechanism=self._current_mechanism, digest=lambda: weights_digest(self.network, self.optimizer))
+        if setup.optimizer.secure_mode:
             self.add_event_handler(Events.EPOCH_STARTED, self._reseed_sampler)
         self.logger.info(self.privacy.describe())
+
+    def _own_handlers(self, train_handlers: Sequence | None, ledger: Any) -> list:
+        """The step gate first, then the handlers the user did not give: publishing ε, the ledger."""
+        from monai_dp.handlers import PrivacyAccountantHandler, PrivacyLedgerHandler
+
+        handlers = list(train_handlers or [])
+        own: list = [_StepGate()]
+        if ledger is not None and not any(isinstance(h, PrivacyLedgerHandler) for h in handlers):
+            own.append(PrivacyLedgerHandler(ledger, self.privacy.dataset_id))
+        if not any(isinstance(h, PrivacyAccountantHandler) for h in handlers):
+            own.append(PrivacyAccountantHandler())
+        return own
+
+    def _budget_gate(self, engine: Any) -> None:
+        """``ITERATION_STARTED``: ask the budget; when it refuses the step, log why and stop gracefully."""
+        verdict = self.privacy.next_step_verdict()
+        if verdict.allowed:
+            return
+        engine.state.dp_budget_exhausted = True
+        engine.state.dp_stopped_by = verdict.gate
+        self.logger.info("%s", verdict.message)
+        engine.state.iteration -= 1  # Ignite counted this iteration before ITERATION_STARTED; it does not run
+        engine.terminate()
 
     def _reseed_sampler(self, _engine: Any = None) -> None:
         """secure_mode: every epoch's sampling from a generator freshly seeded by the operating system."""
@@ -269,63 +224,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if isinstance(generator, torch.Generator):
             generator.manual_seed(os_seed())
 
-    # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _refuse_unsafe_options(iteration_update: Callable | None, compile: bool) -> None:
-        if iteration_update is not None:
-            raise DPConfigurationError(
-                error_message("iteration_update", "None with DP training", getattr(iteration_update, "__name__", iteration_update),
-                              "A custom iteration would bypass per-sample clipping and noise; use event handlers.")
-            )
-        if compile:
-            raise DPConfigurationError(error_message("compile", "False with DP training", compile,
-                                                     "torch.compile is not supported with per-sample gradients yet."))
-
-    @staticmethod
-    def _prepare_network(network: torch.nn.Module, make_compatible: bool) -> torch.nn.Module:
-        if not isinstance(network, torch.nn.Module):
-            raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
-        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            raise DPConfigurationError(
-                error_message("network", "an unwrapped module with DP training", type(network).__name__,
-                              "DDP averages raw gradients, which bypasses per-sample clipping and noise; pass the "
-                              "plain network: under torchrun the DP trainer all-reduces the clipped, noised sums.")
-            )
-        if make_compatible:
-            network, report = make_private_compatible(network)
-            if len(report):
-                logger.info("%s", report.summary())
-                logger.debug("%s", report)
-            return network
-        offenders = find_incompatible_modules(network)
-        if offenders:
-            raise DPIncompatibleModuleError(offenders)
-        return network
-
-    def _build_dp_loader(self, loader: Any, sample_rate: float, units: Any) -> tuple[DataLoader, str]:
-        """The loader the trainer iterates: ``loader`` rebuilt with Poisson sampling (or refused)."""
-        spec = self._loader_spec
-        if spec["world"] > 1:
-            if not spec["poisson"]:
-                raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
-                                                         spec["poisson"]))
-            return make_distributed_poisson_loader(loader, sample_rate, spec["rank"], spec["world"],
-                                                   spec["sampling_seed"], dataset=units), "poisson"
-        if spec["poisson"]:
-            return make_poisson_loader(loader, sample_rate, generator=self._sampling_generator,
-                                       dataset=units), "poisson"
-        if not spec["allow"]:
-            raise DPConfigurationError(
-                error_message("poisson_sampling", "True unless `allow_non_poisson_sampling=True`", spec["poisson"],
-                              "The accountant assumes Poisson sampling; other sampling voids its guarantee.")
-            )
-        logger.warning("poisson_sampling=False: the accountant assumes Poisson sampling at rate %.4g, which this "
-                       "loader does not do; the reported ε is not a proven guarantee.", sample_rate)
-        if units is not None:
-            raise DPConfigurationError(error_message("poisson_sampling", "True with privacy_unit='patient'",
-                                                     spec["poisson"]))
-        return rebuild_loader(loader, loader.batch_sampler), "loader"
-
+    # ------------------------------------------------------------------ loaders
     def _dp_loader_for(self, data: Any) -> DataLoader:
         """``data`` as the trainer may iterate it: its own loader, or ``data`` re-wrapped with Poisson sampling.
 
@@ -338,17 +237,17 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if not isinstance(data, DataLoader):
             raise TypeError(error_message("data", "a torch DataLoader over the training set", type(data).__name__,
                                           "DP training samples the loader's dataset itself (Poisson sampling)."))
-        spec, priv = self._loader_spec, self.privacy
-        units, _ = sampling_units(data, spec["unit"], spec["patient_key"], spec["patient_ids"], spec["max_records"])
+        plan, priv, known = self.dp_setup.loader_plan, self.privacy, self.dp_setup.records_fingerprint
+        units, _ = plan.units(data)
         n = dataset_length(data) if units is None else len(units)
-        fingerprint = records_fingerprint(data, spec["patient_key"])
-        if n != priv.num_units or (fingerprint and self._records_fingerprint and fingerprint != self._records_fingerprint):
+        fingerprint = records_fingerprint(data, plan.patient_key)
+        if n != priv.num_units or (fingerprint and known and fingerprint != known):
             raise DPConfigurationError(error_message(
                 "data", f"a loader over this trainer's training set ({priv.num_units} {priv.unit}s"
-                f"{', fingerprint ' + self._records_fingerprint if self._records_fingerprint else ''})",
+                f"{', fingerprint ' + known if known else ''})",
                 f"{n} {priv.unit}s" + (f", fingerprint {fingerprint}" if fingerprint else ""),
                 "The accounting belongs to one training set; train on another set with a new trainer."))
-        loader, sampling = self._build_dp_loader(data, priv.sample_rate, units)
+        loader, sampling = plan.build(data, priv.sample_rate, units)
         if sampling != priv.sampling:  # pragma: no cover - the spec is the one used at construction
             raise RuntimeError("the rebuilt loader's sampling differs from the accounted one")
         logger.info("A new training loader was set: rebuilt with %s sampling at q = %.4g (as accounted).",
@@ -382,22 +281,6 @@ class DPSupervisedTrainer(SupervisedTrainer):
         rate = getattr(sampler, "sample_rate", None)
         return self.privacy.sample_rate if rate is None else rate
 
-    @staticmethod
-    def _trainable_in_optimizer(network: torch.nn.Module, optimizer: Any) -> list[tuple[str, torch.nn.Parameter]]:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(error_message("optimizer", "a torch.optim.Optimizer", type(optimizer).__name__))
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
-        named = [(n, p) for n, p in network.named_parameters() if id(p) in in_opt]
-        missing = len(in_opt) - len(named)
-        if missing:
-            raise ValueError(
-                error_message("optimizer", "built on the parameters of `network`", f"{missing} parameter(s) not in it",
-                              "Build the optimizer from network.parameters().")
-            )
-        if not named:
-            raise ValueError(error_message("optimizer", "holding trainable parameters", "none"))
-        return named
-
     # ------------------------------------------------------------------ public API
     def run(self) -> None:  # type: ignore[override]
         """Run training. Unlike ``SupervisedTrainer.run`` no GradScaler is created: DP never scales gradients."""
@@ -407,7 +290,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
     def _handle_exception(self, e: BaseException) -> None:
         """Close the ledger run as ``failed`` (what it spent stays counted) before Ignite handles the exception."""
         try:
-            self.privacy.finish_ledger_run("failed")
+            self.privacy.finish("failed")
         except Exception as err:  # never hide the original error
             self.logger.error("Could not close the privacy ledger run: %s", err)
         super()._handle_exception(e)
@@ -464,9 +347,10 @@ class DPSupervisedTrainer(SupervisedTrainer):
                 type(engine.state.dataloader).__name__,
                 "Set a new loader with trainer.set_data(loader) or trainer.data_loader = loader, which rebuild it "
                 "with Poisson sampling."))
-        if not engine.privacy.allows_step():
+        verdict = engine.privacy.next_step_verdict()
+        if not verdict.allowed:  # a backstop: the step gate on ITERATION_STARTED stops training before this
             engine.state.iteration -= 1
-            raise PrivacyBudgetExhaustedError(engine.privacy.exhausted_message())
+            raise PrivacyBudgetExhaustedError(verdict.message)
         steps = engine.privacy.steps
         try:
             return engine._dp_iteration(engine, batchdata)

@@ -82,7 +82,7 @@ class PrivacyLedgerHandler:
     At ``STARTED`` (before the first step) the ledger composes every earlier run on the dataset with this one:
     a run that does not fit is refused with :class:`~monai_dp.utils.errors.PrivacyBudgetExhaustedError`, one
     that partly fits is shortened (the trainer stops when its reservation is used). Every step is written to the
-    ledger *before* it is taken (see ``PrivacyState.before_step``), so a crash can only over-count. On
+    ledger *before* it is taken (see ``PrivacyBudget.before_step``: the run is one of the budget's gates), so a crash can only over-count. On
     ``COMPLETED`` the run is closed as ``finished`` (or ``stopped`` when a budget ended it) and the head of the
     ledger's hash chain is put in ``engine.privacy.ledger_info["head"]`` (and so in the run report: a copy to
     check the ledger against later); on an exception the trainer closes it as ``failed``. The run records the
