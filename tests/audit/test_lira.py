@@ -59,3 +59,12 @@ def test_parallel_workers_give_the_same_models(tmp_path):
                                    dp_kwargs={"noise_multiplier": 1.0, "max_grad_norm": 1.0}, device="cpu")
     a = run_lira(recipe, labels, pid, tmp_path / "a", num_models=4, workers=2)
     assert a["scores"].shape == (4, 30) and np.isfinite(a["scores"]).all()
+    assert sorted(p.name for p in (tmp_path / "a").glob("model_*.npz")) == [f"model_{i:04d}.npz" for i in range(4)]
+    # the same audit in one process: the same membership; without DP noise, the same models and so the same scores
+    one = run_lira(recipe, labels, pid, tmp_path / "b", num_models=4, workers=1)
+    np.testing.assert_array_equal(one["member"], a["member"])
+    plain = ArrayClassifierRecipe(images, labels, pid, epochs=2, batch_size=8, dp=False, width=4, device="cpu")
+    two_workers = run_lira(plain, labels, pid, tmp_path / "c", num_models=4, workers=2)
+    one_worker = run_lira(plain, labels, pid, tmp_path / "d", num_models=4, workers=1)
+    np.testing.assert_allclose(two_workers["scores"], one_worker["scores"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(two_workers["scores"][0], two_workers["scores"][1]), "the models differ from each other"
