@@ -3,7 +3,7 @@
 :func:`build_dp_setup` turns the trainer's arguments into a frozen :class:`DPSetup`: the network made DP-compatible,
 the Poisson-sampled loader (and the :class:`LoaderPlan` that rebuilds any later loader the same way), the
 :class:`~monai_dp.privacy.budget.PrivacyBudget` (calibrated over the *plan*, or handed in from an earlier run), the
-DP optimizer with its private noise source, and the gradient engines. The trainer only wires them into MONAI.
+DP optimizer with its private noise source, and the clipper (:func:`~monai_dp.networks.make_clipper`). The trainer only wires them into MONAI.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loade
 from monai_dp.data.units import PRIVACY_UNITS, sampling_units
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
 from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
-from monai_dp.engines.setup import broadcast_parameters, dist_rank_world, ghost_clipping, records_fingerprint
+from monai_dp.engines.setup import broadcast_parameters, dist_rank_world, records_fingerprint
 from monai_dp.losses import check_per_sample_loss
-from monai_dp.networks import PerSampleGradients, find_incompatible_modules, make_private_compatible
+from monai_dp.networks import AutoClipper, find_incompatible_modules, make_clipper, make_private_compatible
 from monai_dp.privacy.budget import PrivacyBudget, PrivacyPlan
 from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError
 from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING, SecureGaussian, private_generator
@@ -33,9 +33,6 @@ from monai_dp.utils.validation import check_choice, check_positive_int, error_me
 __all__ = ["DPOptions", "DPSetup", "LoaderPlan", "build_dp_setup"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
-
-GRAD_SAMPLE_MODES = ("auto", "ghost", "per_sample")
-
 
 @dataclass(frozen=True)
 class DPOptions:
@@ -120,9 +117,7 @@ class DPSetup:
     physical_batch_size: int | None
     amp_dtype: torch.dtype | None
     records_fingerprint: str | None
-    grad_sampler: PerSampleGradients
-    ghost: Any
-    grad_sample_mode: str
+    clipper: AutoClipper
 
 
 def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length: int | None, loader: Any,
@@ -167,10 +162,8 @@ def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length:
         expected_batch_size=logical / world, loss_reduction="mean",
         generator=SecureGaussian() if o.secure_mode else private_generator(device, o.noise_seed),
         secure_mode=o.secure_mode)
-    mode = check_choice("grad_sample_mode", o.grad_sample_mode, GRAD_SAMPLE_MODES)
-    return DPSetup(network, dp_loader, plan, budget, dp_optimizer, params, physical, amp_dtype, fingerprint,
-                   PerSampleGradients(network, loss_function, inferer),
-                   ghost_clipping(network, loss_function, inferer, mode), mode)
+    clipper = make_clipper(network, loss_function, inferer, mode=o.grad_sample_mode)
+    return DPSetup(network, dp_loader, plan, budget, dp_optimizer, params, physical, amp_dtype, fingerprint, clipper)
 
 
 def _loader_plan(o: DPOptions, unit: str, rank: int, world: int) -> LoaderPlan:
@@ -231,7 +224,7 @@ def _check_handed_budget(o: DPOptions, num_units: int, unit: str, sample_rate: f
     clash = sorted(k for k, v in given.items() if v is not None)
     if clash:
         raise DPConfigurationError(error_message(
-            ", ".join(f"`{k}`" for k in clash), "None with `privacy_budget`", [given[k] for k in clash],
+            ", ".join(clash), "None with `privacy_budget`", given[clash[0]] if len(clash) == 1 else [given[k] for k in clash],
             "The handed-in budget already fixes σ, δ, C, the accountant and the plan."))
     found = {"privacy_unit": (unit, budget.unit), "number of units N": (num_units, budget.num_units),
              "sample_rate": (sample_rate, budget.plan.sample_rate), "sampling": (sampling, budget.sampling)}

@@ -4,30 +4,14 @@ chunks of a logical batch."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from monai_dp.networks import GhostClipping
-from monai_dp.utils.errors import DPIncompatibleModuleError
 
-__all__ = ["broadcast_parameters", "dist_rank_world", "ghost_clipping", "item_chunks", "records_fingerprint"]
+__all__ = ["broadcast_parameters", "dist_rank_world", "item_chunks", "records_fingerprint"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
-
-
-def ghost_clipping(network: torch.nn.Module, loss_function: Callable, inferer: Any, mode: str):
-    """``GhostClipping`` for ``"ghost"`` (raising on unsupported layers) and, where supported, for ``"auto"``."""
-    if mode == "per_sample":
-        return None
-    try:
-        return GhostClipping(network, loss_function, inferer)
-    except DPIncompatibleModuleError as err:
-        if mode == "ghost":
-            raise
-        logger.info("Per-sample gradients (ghost clipping does not support: %s).", str(err).splitlines()[0][:200])
-        return None
 
 
 def records_fingerprint(loader: Any, patient_key: str) -> str | None:

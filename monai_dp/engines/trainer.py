@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import fields
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,7 +35,6 @@ from monai_dp.engines.setup import (
 from monai_dp.losses import check_targets
 from monai_dp.utils.errors import (
     DPConfigurationError,
-    DPIncompatibleModuleError,
     NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
@@ -175,8 +173,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.dp_setup, self.privacy, self._dp_loader = setup, setup.budget, setup.loader
         self._amp_dtype, self.physical_batch_size, self.dp_network_params = (
             setup.amp_dtype, setup.physical_batch_size, setup.params)
-        self.grad_sampler, self.ghost, self.grad_sample_mode = setup.grad_sampler, setup.ghost, setup.grad_sample_mode
-        self._mode_chosen, self._pred_layout = False, None
+        self.clipper, self.grad_sample_mode, self._pred_layout = setup.clipper, setup.clipper.mode, None
         super().__init__(
             device=device, max_epochs=max_epochs, train_data_loader=setup.loader, network=setup.network,
             optimizer=setup.optimizer, loss_function=loss_function, epoch_length=epoch_length,
@@ -187,9 +184,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             decollate=decollate, optim_set_to_none=optim_set_to_none, to_kwargs=to_kwargs, amp_kwargs=amp_kwargs,
             compile=False, compile_kwargs=None, accumulation_steps=1,
         )
-        self.grad_sampler.inferer = self.inferer
-        if self.ghost is not None:
-            self.ghost.inferer = self.inferer
+        self.clipper.inferer = self.inferer
         self.privacy.bind(mechanism=self._current_mechanism, digest=lambda: weights_digest(self.network, self.optimizer))
         if setup.optimizer.secure_mode:
             self.add_event_handler(Events.EPOCH_STARTED, self._reseed_sampler)
@@ -382,20 +377,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         y = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
         engine._check_targets(x, y)
-        if engine.ghost is not None and engine.grad_sample_mode == "auto" and not engine._mode_chosen:
-            engine._choose_grad_sample_mode(x, y, groups, chunks[0])
-        if engine.ghost is not None:
-            try:
-                losses, preds = engine._ghost_sums(x, y, groups, chunks)
-            except DPIncompatibleModuleError as err:
-                if engine.grad_sample_mode != "auto":
-                    raise
-                engine.logger.info("Ghost clipping cannot handle this network (%s); using per-sample gradients.",
-                                   str(err).splitlines()[0][:200])
-                engine.ghost = None
-                engine._reset_accumulators()
-        if engine.ghost is None:
-            losses, preds = engine._per_sample_sums(x, y, groups, chunks)
+        losses, preds = engine._clipped_sums(x, y, groups, chunks)
         engine.state.output[Keys.PRED] = torch.cat(preds)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = torch.cat(losses).mean()
@@ -405,102 +387,35 @@ class DPSupervisedTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-    def _per_sample_sums(self, x, y, groups, chunks) -> tuple[list, list]:
-        """Per-item gradients of each physical batch; the DP optimizer clips and accumulates them."""
-        losses, preds = [], []
-        for i, (first_item, last_item, r0, r1) in enumerate(chunks):
-            grads, loss, pred = self.grad_sampler(
-                x[r0:r1], y[r0:r1], groups[r0:r1] - first_item, last_item - first_item, self._amp_dtype
-            )
-            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1).float(), dim=1) for g in grads.values()])
-            self._check_finite(loss, torch.linalg.vector_norm(norms, dim=0), groups[r0:r1] - first_item, r0)
-            for name, p in self.dp_network_params:
-                p.grad_sample = grads[name]
-            losses.append(loss)
-            preds.append(pred)
-            if i < len(chunks) - 1:
-                self.optimizer.signal_skip_step(do_skip=True)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        return losses, preds
+    def _clipped_sums(self, x, y, groups, chunks) -> tuple[list, list]:
+        """The clipped sum of every physical batch (one contract for both engines), added into ``p.summed_grad``.
 
-    def _choose_grad_sample_mode(self, x, y, groups, chunk) -> None:
-        """``"auto"``: time ghost clipping and per-sample gradients on the first physical batch, keep the faster.
-
-        Both clipped sums are also compared: a disagreement beyond float tolerance raises, since one of the two
-        computations would then not be clipping what it claims. Per-sample gradients that run out of GPU
-        memory lose. Nothing computed here reaches the update.
-        """
-        first, last, r0, r1 = chunk
-        args = (x[r0:r1], y[r0:r1], groups[r0:r1] - first, last - first)
-        clip = self.optimizer.max_grad_norm
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        try:
-            self.ghost.check_row_independence(args[0])  # the one-time probe is not ghost clipping's step cost
-            start = time.perf_counter()
-            ghost_sum = self.ghost(*args, clip, self._amp_dtype)[0]
-            sync()
-            ghost_s = time.perf_counter() - start
-        except DPIncompatibleModuleError:
-            self._mode_chosen = True
-            return  # the iteration falls back to per-sample gradients and says why
-        try:
-            start = time.perf_counter()
-            grads = self.grad_sampler(*args, self._amp_dtype)[0]
-            sync()
-            per_sample_s = time.perf_counter() - start
-        except torch.cuda.OutOfMemoryError:
-            per_sample_s, grads = float("inf"), None
-        del ghost_sum, grads
-        self._cross_check_ghost(args[0], args[1], args[2], clip)
-        if per_sample_s < ghost_s:
-            self.ghost = None
-        self._mode_chosen = True
-        self.logger.info("grad_sample_mode='auto': %s (first batch: ghost clipping %.3g s, per-sample gradients %.3g s).",
-                         "per-sample gradients" if self.ghost is None else "ghost clipping", ghost_s, per_sample_s)
-
-    def _cross_check_ghost(self, x, y, groups, clip, max_items: int = 4) -> None:
-        """Ghost clipping's clipped sum against per-sample gradients on up to ``max_items`` items, in float32.
-
-        Run whatever ``amp`` says (bf16 kernels differ by more than a tolerance, so the check runs without
-        autocast): a layer ghost clipping gets wrong, e.g. one that mixes rows, shows up here as a mismatch.
-        """
-        k = min(max_items, int(groups.max()) + 1)
-        rows = int((groups < k).sum())
-        args = (x[:rows], y[:rows], groups[:rows], k)
-        ghost_sum = self.ghost(*args, clip, None)[0]
-        grads = self.grad_sampler(*args, None)[0]
-        names = [n for n, _ in self.dp_network_params]
-        norms = torch.cat([grads[n].flatten(1) for n in names], 1).norm(dim=1)
-        w = (clip / (norms + 1e-6)).clamp(max=1.0)
-        for n in names:
-            ref = torch.einsum("i,i...->...", w, grads[n])
-            tol = 1e-3
-            if not torch.allclose(ghost_sum[n].to(ref.dtype), ref, rtol=tol, atol=tol * clip):
-                raise RuntimeError(error_message(
-                    f"clipped sum of `{n}`", "the same by ghost clipping and by per-sample gradients",
-                    f"a difference of {float((ghost_sum[n] - ref).abs().max()):.3g}",
-                    "pass grad_sample_mode='per_sample' and report this network to monai_dp."))
-
-    def _ghost_sums(self, x, y, groups, chunks) -> tuple[list, list]:
-        """Clipped sums of each physical batch by ghost clipping, summed into ``p.summed_grad``.
-
-        The DP optimizer's own clip-and-accumulate then sees no per-item gradients (an empty batch adds zero)
-        and adds the noise to this sum, exactly as for per-sample gradients.
+        The DP optimizer then sees no per-item gradients (its clip-and-accumulate adds nothing) and adds the noise
+        to this sum.
         """
         losses, preds, total = [], [], None
-        clip = self.optimizer.max_grad_norm
         for first_item, last_item, r0, r1 in chunks:
-            summed, norms, loss, pred = self.ghost(x[r0:r1], y[r0:r1], groups[r0:r1] - first_item,
-                                                   last_item - first_item, clip, self._amp_dtype)
-            self._check_finite(loss, norms, groups[r0:r1] - first_item, r0)
-            total = summed if total is None else {n: total[n] + g for n, g in summed.items()}
-            losses.append(loss)
-            preds.append(pred)
+            rows = groups[r0:r1] - first_item
+            out = self.clipper.clipped_sum(x[r0:r1], y[r0:r1], rows, last_item - first_item,
+                                           self.optimizer.max_grad_norm, self._amp_dtype)
+            self._check_finite(out.losses, out.norms, rows, r0)
+            total = out.summed if total is None else {n: total[n] + g for n, g in out.summed.items()}
+            losses.append(out.losses)
+            preds.append(out.preds)
         for name, p in self.dp_network_params:
             p.summed_grad = total[name].to(p.dtype)
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         return losses, preds
+
+    @property
+    def grad_sampler(self) -> Any:
+        """The per-sample gradient engine (:class:`~monai_dp.networks.PerSampleGradients`) of the clipper."""
+        return self.clipper.per_sample
+
+    @property
+    def ghost(self) -> Any:
+        """The ghost clipping engine of the clipper, ``None`` where per-sample gradients are used."""
+        return self.clipper.ghost
 
     def _check_targets(self, x: torch.Tensor, y: Any) -> None:
         """Class labels out of range get a clear error before any loss runs (on CUDA an out-of-range index is a

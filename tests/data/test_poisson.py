@@ -86,7 +86,7 @@ def test_grouped_batches_survive_worker_processes():
     assert batch[GROUP_KEY].numel() == batch["image"].shape[0]
 
 
-def test_multi_crop_trainer_clips_per_image():
+def test_multi_crop_trainer_clips_per_image(monkeypatch):
     """End to end: with 4 crops per image the trainer clips per image (rows summed), checked on one batch."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
@@ -102,16 +102,17 @@ def test_multi_crop_trainer_clips_per_image():
     trainer = DPSupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=DataLoader(ds, batch_size=2),
                                   network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
                                   loss_function=DiceCELoss(to_onehot_y=True, softmax=True), noise_multiplier=1.0,
-                                  max_grad_norm=1.0, target_delta=1e-2, sampling_seed=3)
+                                  max_grad_norm=1.0, target_delta=1e-2, sampling_seed=3, grad_sample_mode="per_sample")
     seen = []
-    orig = trainer.grad_sampler.__call__
+    engine = type(trainer.grad_sampler)
+    orig = engine.__call__
 
-    def spy(x, y, groups=None, num_groups=None, amp_dtype=None):
-        grads, losses, preds = orig(x, y, groups, num_groups, amp_dtype)
-        seen.append((x.shape[0], num_groups, next(iter(grads.values())).shape[0]))
+    def spy(self, x, y, groups=None, num_items=None, amp_dtype=None):
+        grads, losses, preds = orig(self, x, y, groups, num_items, amp_dtype)
+        seen.append((x.shape[0], num_items, next(iter(grads.values())).shape[0]))
         return grads, losses, preds
 
-    trainer.grad_sampler = spy
+    monkeypatch.setattr(engine, "__call__", spy)
     trainer.run()
     assert seen, "at least one non-empty batch"
     for rows, items, grad_rows in seen:
