@@ -17,9 +17,10 @@ from monai_dp.privacy import (
     GDPAccountant,
     PRVAccountant,
     RDPAccountant,
+    accountant_prv,
+    accountant_rdp,
     create_accountant,
 )
-from monai_dp.privacy import accountant_prv, accountant_rdp
 
 dp_accounting = pytest.importorskip("dp_accounting")
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import monai_dp.privacy as privacy
+from monai_dp import privacy
 from monai_dp.engines.config import DPSettings
 from monai_dp.privacy import (
     ACCOUNTANTS,
@@ -97,8 +97,8 @@ def test_upper_bound_attribute_is_what_training_refuses_without_allow_approximat
     assert [accountant_is_upper_bound(n) for n in ACCOUNTANTS] == [True, True, False, True]
     for name in ACCOUNTANTS:
         assert create_accountant(name).is_upper_bound is accountant_is_upper_bound(name)
-        kwargs = dict(target_epsilon=1.0, target_delta=1e-5, noise_multiplier=None, max_grad_norm=1.0,
-                      accountant=name, max_physical_batch_size=None)
+        kwargs = {"target_epsilon": 1.0, "target_delta": 1e-5, "noise_multiplier": None, "max_grad_norm": 1.0,
+                      "accountant": name, "max_physical_batch_size": None}
         if accountant_is_upper_bound(name):
             assert DPSettings(**kwargs).accountant == name
         else:
@@ -109,6 +109,7 @@ def test_upper_bound_attribute_is_what_training_refuses_without_allow_approximat
 
 def test_old_import_paths_still_work():
     from monai_dp.privacy import accountant_prv, accountant_rdp, mechanism
+    from monai_dp.privacy.accountants import ACCOUNTANTS as OLD_ACCOUNTANTS
     from monai_dp.privacy.accountants import (
         PRV_MAX_GRID,
         RDP_EXTRA_ORDERS,
@@ -119,9 +120,13 @@ def test_old_import_paths_still_work():
         _prv_domain,
         _rdp_per_step,
     )
-    from monai_dp.privacy.accountants import ACCOUNTANTS as OLD_ACCOUNTANTS
     from monai_dp.privacy.accountants import create_accountant as old_create
-    from monai_dp.privacy.pld import Mechanism, compose_epsilon, max_steps_within_budget, privacy_profile
+    from monai_dp.privacy.pld import (
+        Mechanism,
+        compose_epsilon,
+        max_steps_within_budget,
+        privacy_profile,
+    )
     from monai_dp.privacy.pld import PLDAccountant as PLDFromPld
 
     assert OLD_ACCOUNTANTS is ACCOUNTANTS and old_create is create_accountant and Entry is mechanism.Entry
