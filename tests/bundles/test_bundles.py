@@ -12,7 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-BUNDLES = ["dp_classification_2d", "dp_classification_3d", "dp_segmentation_2d", "dp_segmentation_3d"]
+BUNDLES = sorted(p.parent.parent.name for p in (REPO / "bundles").glob("*/configs/metadata.json"))
 SCHEMA = REPO / "configs" / "schema" / "metadata_schema.json"
 TINY = {
     "dp_classification_2d": {"synthetic_items": 40, "synthetic_size": 32, "image_size": [32, 32], "batch_size": 8},
@@ -20,6 +20,15 @@ TINY = {
     "dp_segmentation_2d": {"synthetic_items": 20, "synthetic_size": 48, "patch_size": [32, 32], "batch_size": 4},
     "dp_segmentation_3d": {"synthetic_items": 14, "synthetic_size": 32, "patch_size": [16, 16, 16], "batch_size": 3},
 }
+
+
+# the metric each bundle's evaluate.json writes, and its value for a model that learnt nothing about the input
+# classes (2 balanced classes: accuracy 0.5 and AUC 0.5)
+EVAL_METRIC = {"classification": "val_auc", "segmentation": "val_mean_dice"}
+
+
+def test_bundles_are_discovered_and_each_has_tiny_overrides():
+    assert len(BUNDLES) >= 4 and set(BUNDLES) == set(TINY), "give every bundle under bundles/ tiny CPU overrides"
 
 
 def _copy(name: str, tmp_path: Path) -> Path:
@@ -66,19 +75,31 @@ def test_train_evaluate_infer(name, tmp_path):
     from monai.bundle import verify_metadata
 
     root = _copy(name, tmp_path)
-    _run(root, ["train.json"], max_epochs=1, target_epsilon=5.0, **TINY[name])
+    initial = tmp_path / "initial_weights.pt"
+    init_steps = json.loads((root / "configs" / "train.json").read_text())["initialize"]
+    save_initial = f"$torch.save({{k: v.clone() for k, v in @network.state_dict().items()}}, {str(initial)!r})"
+    _run(root, ["train.json"], max_epochs=1, target_epsilon=5.0, initialize=[*init_steps, save_initial], **TINY[name])
     report = json.loads((root / "models" / "privacy_report.json").read_text())
     assert 0 < report["epsilon"] <= 5.0 and report["steps"] > 0 and report["unit"] == "record"
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert meta["privacy"]["epsilon"] == report["epsilon"]
     verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    assert (root / "models" / "model.pt").exists()
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", weights_only=True)
-    assert ckpt["trainer"]["privacy"]["accountant"]["history"]
+    history = ckpt["trainer"]["privacy"]["accountant"]["history"]
+    assert sum(int(n) for *_, n in history) == report["steps"], "the checkpoint's accounting is the reported one"
+    # the saved model is the trained network: finite, and moved away from its initial weights
+    trained, before = torch.load(root / "models" / "model.pt", weights_only=True), torch.load(initial, weights_only=True)
+    common = [k for k in trained if k in before and trained[k].shape == before[k].shape and trained[k].is_floating_point()]
+    assert len(common) >= len(trained) // 2, "the model file holds the bundle's network"
+    assert all(torch.isfinite(trained[k]).all() for k in trained)
+    assert any(not torch.equal(trained[k], before[k]) for k in common), "DP training did not change the weights"
 
     tiny_eval = {k: v for k, v in TINY[name].items() if k != "batch_size"}
     _run(root, ["train.json", "evaluate.json"], **tiny_eval)
-    assert (root / "eval" / "metrics.csv").exists()
+    rows = dict((r[0], r[1]) for r in csv.reader(open(root / "eval" / "metrics.csv")) if len(r) >= 2)
+    metric = EVAL_METRIC["classification" if "classification" in name else "segmentation"]
+    assert metric in rows, rows
+    assert 0.0 <= float(rows[metric]) <= 1.0  # NaN fails too: the metric was computed
 
     tiny_infer = {k: v for k, v in TINY[name].items() if k not in ("batch_size",)}
     _run(root, ["inference.json"], **tiny_infer)
@@ -212,4 +233,6 @@ def test_fashion_mnist_recipe_trains_on_scattering_features_and_evaluates(tmp_pa
     assert state["net.2.weight"].shape == (10, 81 * 7 * 7)  # FeatureClassifier: GroupNorm, Flatten, Linear
     _run(root, files + ["evaluate.json"], dataset_dir=str(npz))
     rows = dict((r[0], r[1]) for r in csv.reader(open(root / "eval" / "metrics.csv")) if len(r) >= 2)
-    assert 0.0 <= float(rows["val_accuracy"]) <= 1.0
+    # 10 balanced classes, 20 test images: one class for all (a broken model or metric) scores ~0.1; 7 of 20 right
+    # by chance has probability ~0.002. The bright row makes the classes easy (0.65 measured at ε = 8).
+    assert float(rows["val_accuracy"]) > 0.3, rows
