@@ -98,7 +98,7 @@ def test_upper_bound_attribute_is_what_training_refuses_without_allow_approximat
     for name in ACCOUNTANTS:
         assert create_accountant(name).is_upper_bound is accountant_is_upper_bound(name)
         kwargs = {"target_epsilon": 1.0, "target_delta": 1e-5, "noise_multiplier": None, "max_grad_norm": 1.0,
-                      "accountant": name, "max_physical_batch_size": None}
+                  "accountant": name, "max_physical_batch_size": None}
         if accountant_is_upper_bound(name):
             assert DPSettings(**kwargs).accountant == name
         else:
