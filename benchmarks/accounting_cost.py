@@ -70,7 +70,7 @@ def training_table(steps: int = 60) -> list[str]:
     from torch import nn
 
     from monai_dp.engines import DPSupervisedTrainer
-    from monai_dp.handlers import PrivacyAccountantHandler
+    from monai_dp.handlers import PrivacyMetricsHandler
 
     torch.manual_seed(0)
     data = [{"image": torch.randn(1, 28, 28), "label": torch.tensor(i % 2)} for i in range(steps * 16)]
@@ -83,7 +83,7 @@ def training_table(steps: int = 60) -> list[str]:
                 device="cpu", max_epochs=1, train_data_loader=torch.utils.data.DataLoader(data, batch_size=16),
                 network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=nn.CrossEntropyLoss(),
                 noise_multiplier=1.0, max_grad_norm=1.0, accountant=accountant, target_delta=DELTA,
-                train_handlers=[PrivacyAccountantHandler(iteration_interval=interval)])
+                train_handlers=[PrivacyMetricsHandler(iteration_interval=interval)])
             trainer.logger.setLevel("WARNING")
             start = time.perf_counter()
             trainer.run()

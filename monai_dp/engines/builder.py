@@ -21,13 +21,26 @@ from monai_dp.data import dataset_length, loader_batch_size, make_poisson_loader
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
 from monai_dp.data.units import PRIVACY_UNITS, sampling_units
 from monai_dp.engines.config import DPSettings, check_amp, resolve_delta
-from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
-from monai_dp.engines.setup import broadcast_parameters, dist_rank_world, records_fingerprint
+from monai_dp.engines.optimizer import (
+    PrivateNoiseDistributedDPOptimizer,
+    PrivateNoiseDPOptimizer,
+)
+from monai_dp.engines.setup import broadcast_parameters, records_fingerprint
 from monai_dp.losses import check_per_sample_loss
-from monai_dp.networks import AutoClipper, find_incompatible_modules, make_clipper, make_private_compatible
+from monai_dp.networks import (
+    AutoClipper,
+    find_incompatible_modules,
+    make_clipper,
+    make_private_compatible,
+)
 from monai_dp.privacy.budget import PrivacyBudget, PrivacyPlan
+from monai_dp.utils.distributed import rank_world
 from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError
-from monai_dp.utils.randomness import REPRODUCIBLE_NOISE_WARNING, SecureGaussian, private_generator
+from monai_dp.utils.randomness import (
+    REPRODUCIBLE_NOISE_WARNING,
+    SecureGaussian,
+    private_generator,
+)
 from monai_dp.utils.validation import check_choice, check_positive_int, error_message
 
 __all__ = ["DPOptions", "DPSetup", "LoaderPlan", "build_dp_setup"]
@@ -136,7 +149,7 @@ def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length:
     check_per_sample_loss(loss_function)
     network = prepare_network(network, o.make_compatible)
     unit = check_choice("privacy_unit", o.privacy_unit, PRIVACY_UNITS)
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     plan = _loader_plan(o, unit, rank, world)
     units, patients = plan.units(loader)
     num_units = dataset_length(loader) if units is None else len(units)

@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-
-__all__ = ["broadcast_parameters", "dist_rank_world", "item_chunks", "records_fingerprint"]
+__all__ = ["broadcast_parameters", "item_chunks", "records_fingerprint"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
 
@@ -19,19 +18,13 @@ def records_fingerprint(loader: Any, patient_key: str) -> str | None:
     records = getattr(getattr(loader, "dataset", None), "data", None)
     if not isinstance(records, (list, tuple)) or not records:
         return None
-    from monai_dp.privacy.fingerprint import dataset_fingerprint
+    from monai_dp.privacy.fingerprint import dataset_fingerprint_of_records
 
     try:
-        return dataset_fingerprint(records, keys=(patient_key, "image", "label"))
+        return dataset_fingerprint_of_records(records, patient_key)
     except (TypeError, ValueError) as err:
         logger.warning("Could not fingerprint the training records (%s); pass `dataset_id`.", err)
         return None
-
-
-def dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def broadcast_parameters(network: torch.nn.Module) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -24,20 +24,24 @@ from monai_dp.data import (
     get_row_groups,
     is_empty_batch,
 )
-from monai_dp.engines.digest import weights_digest
-from monai_dp.engines.optimizer import PrivateNoiseDistributedDPOptimizer, PrivateNoiseDPOptimizer
 from monai_dp.engines.builder import DPOptions, build_dp_setup
-from monai_dp.privacy.budget import PrivacyBudget
+from monai_dp.engines.digest import weights_digest
+from monai_dp.engines.optimizer import (
+    PrivateNoiseDistributedDPOptimizer,
+    PrivateNoiseDPOptimizer,
+)
 from monai_dp.engines.setup import (
     item_chunks,
     records_fingerprint,
 )
 from monai_dp.losses import check_targets
+from monai_dp.privacy.budget import PrivacyBudget
 from monai_dp.utils.errors import (
     DPConfigurationError,
     NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
+from monai_dp.utils.keys import DPKeys
 from monai_dp.utils.randomness import os_seed
 from monai_dp.utils.validation import error_message
 
@@ -192,14 +196,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
 
     def _own_handlers(self, train_handlers: Sequence | None, ledger: Any) -> list:
         """The step gate first, then the handlers the user did not give: publishing ε, the ledger."""
-        from monai_dp.handlers import PrivacyAccountantHandler, PrivacyLedgerHandler
+        from monai_dp.handlers import PrivacyLedgerHandler, PrivacyMetricsHandler
 
         handlers = list(train_handlers or [])
         own: list = [_StepGate()]
         if ledger is not None and not any(isinstance(h, PrivacyLedgerHandler) for h in handlers):
             own.append(PrivacyLedgerHandler(ledger, self.privacy.dataset_id))
-        if not any(isinstance(h, PrivacyAccountantHandler) for h in handlers):
-            own.append(PrivacyAccountantHandler())
+        if not any(isinstance(h, PrivacyMetricsHandler) for h in handlers):
+            own.append(PrivacyMetricsHandler())
         return own
 
     def _budget_gate(self, engine: Any) -> None:
@@ -207,8 +211,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         verdict = self.privacy.next_step_verdict()
         if verdict.allowed:
             return
-        engine.state.dp_budget_exhausted = True
-        engine.state.dp_stopped_by = verdict.gate
+        setattr(engine.state, DPKeys.BUDGET_EXHAUSTED, True)
+        setattr(engine.state, DPKeys.STOPPED_BY, verdict.gate)
         self.logger.info("%s", verdict.message)
         engine.state.iteration -= 1  # Ignite counted this iteration before ITERATION_STARTED; it does not run
         engine.terminate()

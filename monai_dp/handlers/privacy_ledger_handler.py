@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from monai.utils import min_version, optional_import
+from ignite.engine import Engine, Events
 
 from monai_dp.handlers.utils import require_dict, require_dp_engine
+from monai_dp.utils.distributed import rank_world
 from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+from monai_dp.utils.keys import DPKeys
 from monai_dp.utils.validation import error_message
-
-Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
-if TYPE_CHECKING:
-    from ignite.engine import Engine
-else:
-    Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
 
 __all__ = ["PrivacyLedgerHandler"]
 
@@ -37,14 +33,6 @@ def open_ledger(ledger: Any):
         return PrivacyLedger(ledger, create=False)
     raise TypeError(error_message("ledger", "a path to the ledger's SQLite file or a PrivacyLedger",
                                   type(ledger).__name__))
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _FollowerRun:
@@ -120,7 +108,7 @@ class PrivacyLedgerHandler:
             raise ValueError(error_message("dataset_id", "given with a ledger when the records cannot be fingerprinted",
                                            None, "Pass `dataset_id` to the trainer."))
         remaining = max(int(engine.state.max_epochs) * int(engine.state.epoch_length) - int(engine.state.iteration), 0)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         ledger, run, failure = None, None, None
         if rank == 0:  # one run per training job: rank 0 holds the ledger, the others follow its reservation
             try:
@@ -167,7 +155,7 @@ class PrivacyLedgerHandler:
         return int(priv.patients["max"])
 
     def completed(self, engine: Engine) -> None:
-        status = "stopped" if getattr(engine.state, "dp_budget_exhausted", False) else "finished"
+        status = "stopped" if getattr(engine.state, DPKeys.BUDGET_EXHAUSTED, False) else "finished"
         engine.privacy.finish_ledger_run(status)
         info = engine.privacy.ledger_info
         if info is not None and self._opened is not None:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol
 from monai_dp.privacy.accountants import create_accountant
 from monai_dp.privacy.calibration import calibrate_noise_multiplier
 from monai_dp.utils.errors import DPConfigurationError, PrivacyBudgetExhaustedError
-from monai_dp.utils.validation import error_message
+from monai_dp.utils.validation import check_sample_rate, error_message
 
 __all__ = ["EpsilonGate", "LedgerGate", "PrivacyBudget", "PrivacyPlan", "StepGate", "Verdict"]
 
@@ -191,8 +191,10 @@ class PrivacyBudget:
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (sigma > 0 and math.isfinite(sigma)):
             raise DPConfigurationError(error_message(
                 "optimizer.noise_multiplier", "a finite number > 0", sigma, "σ = 0 adds no noise and gives no privacy."))
-        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
-            raise DPConfigurationError(error_message("sampler.sample_rate", "in (0, 1]", q))
+        try:
+            check_sample_rate(q, "sampler.sample_rate")
+        except (TypeError, ValueError) as err:
+            raise DPConfigurationError(str(err)) from None
         if self.ledger_gate is not None:
             raise DPConfigurationError(error_message(
                 "optimizer.noise_multiplier", f"{self.noise_multiplier:.6g} (the σ this ledger run was charged at)",
