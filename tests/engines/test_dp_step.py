@@ -28,15 +28,16 @@ def _spy_engines(trainer) -> dict:
     """Count the calls of the trainer's two clipping engines, so a test can show which one computed its step."""
     calls = {"ghost": 0, "per_sample": 0}
 
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
+    def counting(name, cls):
+        def __call__(self, *args, **kwargs):
             calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
+            return cls.__call__(self, *args, **kwargs)
+        return type(cls.__name__, (cls,), {"__call__": __call__})
 
-    if trainer.ghost is not None:
-        trainer.ghost = counting("ghost", trainer.ghost)
-    trainer.grad_sampler = counting("per_sample", trainer.grad_sampler)
+    # swap each engine's class for a counting subclass: the engine object (and whoever holds it) stays the same
+    for name, engine in (("ghost", trainer.ghost), ("per_sample", trainer.grad_sampler)):
+        if engine is not None:
+            engine.__class__ = counting(name, type(engine))
     return calls
 
 
@@ -305,21 +306,22 @@ def test_an_interrupted_step_leaves_nothing_behind(grad_sample_mode):
     batch = _batch(data, list(range(6)))
     trainer = _trainer(TinyClassifier(), data, batch_size=4, max_physical_batch_size=2)
     calls = {"n": 0}
-    attr = "ghost" if trainer.ghost is not None else "grad_sampler"  # whichever computes this trainer's sums
-    assert attr == ("ghost" if MODE["value"] == "ghost" else "grad_sampler")
-    real = getattr(trainer, attr)
+    engine = trainer.ghost if trainer.ghost is not None else trainer.grad_sampler  # whichever computes the sums
+    assert (engine is trainer.ghost) == (grad_sample_mode == "ghost")
+    real_cls = type(engine)
 
-    def failing_second_chunk(*args, **kwargs):
+    def failing_second_chunk(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated failure")
-        return real(*args, **kwargs)
+        return real_cls.__call__(self, *args, **kwargs)
 
-    setattr(trainer, attr, failing_second_chunk)
+    engine.__class__ = type(real_cls.__name__, (real_cls,), {"__call__": failing_second_chunk})
     with pytest.raises(RuntimeError, match="simulated failure"):
         _run_one_iteration(trainer, batch)
+    assert calls["n"] == 2
     assert trainer.dp_steps == 1  # the sampling happened: a failed step is accounted, nothing of it applied
-    setattr(trainer, attr, real)
+    engine.__class__ = real_cls
     fresh = _trainer(TinyClassifier(), data, batch_size=4, max_physical_batch_size=2)
     _run_one_iteration(trainer, batch)
     _run_one_iteration(fresh, batch)
