@@ -76,7 +76,10 @@ def test_cli_audits_a_bundle_recipe(tmp_path):
     assert rc == 0
     summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
     assert summary["num_models"] == 4 and summary["unit"] == "record" and summary["bound"]["auc"] > 0.5
-    assert summary["num_records"] == 40, "the --override synthetic_items=40 reached the bundle"
+    # the overrides reached the bundle: its synthetic data was written where told, with the number of items told
+    datalist = json.loads((tmp_path / "syn" / "dataset.json").read_text())
+    assert len(datalist["training"]) + len(datalist["test"]) == 40
+    assert summary["num_records"] < len(datalist["training"]), "the training split, without its validation part"
     assert summary["num_patients"] < summary["num_records"], "synthetic bundle data has two records per patient"
 
 
