@@ -29,8 +29,21 @@ import sqlite3
 from typing import Any, Self
 
 from monai_dp.privacy.ledger_chain import ChainState, append_event, find_event
-from monai_dp.privacy.ledger_plan import UNITS, check_request, exhausted_message, plan_run
-from monai_dp.privacy.ledger_run import LedgerRun, RunPlan, Spent, charged, end_run, mechanisms, run_row
+from monai_dp.privacy.ledger_plan import (
+    UNITS,
+    check_request,
+    exhausted_message,
+    plan_run,
+)
+from monai_dp.privacy.ledger_run import (
+    LedgerRun,
+    RunPlan,
+    Spent,
+    charged,
+    end_run,
+    mechanisms,
+    run_row,
+)
 from monai_dp.privacy.ledger_schema import SCHEMA_VERSION
 from monai_dp.privacy.ledger_store import BUSY_TIMEOUT_S, LedgerStore, now
 from monai_dp.privacy.pld import compose_epsilon
@@ -361,12 +374,3 @@ class PrivacyLedger:
                 "accounting": "PLD composition (dp-accounting) of all runs at the budget delta; running runs count "
                               "their reserved steps", "datasets": datasets}
 
-    def format_account(self, dataset_id: str | None = None, markdown: bool = False) -> str:
-        """A human-readable account (plain text, or markdown with ``markdown=True``), with the chain's head.
-
-        The text is the CLI's (``monai-dp ledger show``): :func:`monai_dp.cli.ledger_text.account_text` of
-        :meth:`export`; this method only delegates to it.
-        """
-        from monai_dp.cli.ledger_text import account_text  # rendering belongs to the CLI layer; loaded when asked
-
-        return account_text(self.export(dataset_id), markdown)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monai_dp.cli.ledger_text import account_text
 from monai_dp.privacy.fingerprint import dataset_fingerprint
 from monai_dp.privacy.ledger import PrivacyLedger
 from monai_dp.privacy.pld import Mechanism, compose_epsilon, max_steps_within_budget
@@ -312,7 +313,7 @@ def test_sampling_and_seeded_noise_are_recorded_fixed_and_shown(ledger, tmp_path
     with pytest.raises(sqlite3.DatabaseError, match="only a running run is updated"):
         raw_connection(tmp_path).execute("UPDATE runs SET noise_seeded = 0 WHERE run_id = 2")
     seeded.finish()
-    text = ledger.format_account()
+    text = account_text(ledger.export())
     assert "run 2: reproducible noise: not private against someone who knows the seed" in text
     assert "run 2: sampling 'shuffle', not Poisson: the ε charged assumes Poisson sampling" in text
     assert "run 1:" not in text

@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+from monai_dp.cli.ledger_text import account_text
 from monai_dp.privacy.ledger import PrivacyLedger
 from monai_dp.privacy.ledger_migrate import migrate_ledger
 from monai_dp.privacy.pld import Mechanism, compose_epsilon
@@ -95,7 +96,7 @@ def test_a_read_only_ledger_file_is_read_but_not_written(path):
             PrivacyLedger(path, create=False)
         led = PrivacyLedger(path, read_only=True)
         assert led.verify().runs == 1 and led.spent("ds").runs[0]["steps_taken"] == 3
-        assert "Hash chain head: " + led.head() in led.format_account()
+        assert "Hash chain head: " + led.head() in account_text(led.export())
         with pytest.raises(PermissionError, match=r"`ledger` must be opened without read_only=True to be written"):
             led.begin_run("ds", SIGMA, Q, 1.0, 2)
         assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.db"]  # opened read-only: no -wal, -shm
@@ -173,7 +174,7 @@ def test_migration_chains_the_old_rows_in_a_new_file_and_leaves_the_old_one(v1_p
         (1, "finished", 3, "unrecorded", None), (2, "interrupted", 4, "unrecorded", None)]
     assert "migrated while running: charged its whole reservation" in runs[1]["note"]
     assert led.spent("ds").epsilon == pytest.approx(compose_epsilon([Mechanism(SIGMA, Q, 7)], DELTA))
-    assert "run 1: sampling not recorded (run migrated from a ledger of schema version 1)" in led.format_account()
+    assert "run 1: sampling not recorded (run migrated from a ledger of schema version 1)" in account_text(led.export())
     assert led.begin_run("ds", SIGMA, Q, 1.0, 2).run_id == 3
     with pytest.raises(FileExistsError, match=r"`output` must be a path that does not exist yet"):
         migrate_ledger(v1_path, tmp_path / "v2.db")

@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+from monai_dp.cli.ledger_text import account_text
 from monai_dp.handlers import PrivacyReportHandler
 from monai_dp.privacy.ledger import PrivacyLedger
 from monai_dp.utils.errors import LedgerIntegrityError
@@ -35,7 +36,7 @@ def test_the_run_records_its_sampling_and_seeded_noise_and_the_report_holds_the_
     assert [(r["sampling"], r["noise_seeded"]) for r in runs] == [(seeded.privacy.sampling, 1),
                                                                    (fresh.privacy.sampling, 0), ("poisson", 1)]
     assert seeded.privacy.sampling == "poisson"
-    assert "run 1: reproducible noise: not private against someone who knows the seed" in led.format_account()
+    assert "run 1: reproducible noise: not private against someone who knows the seed" in account_text(led.export())
     report_head = json.loads((tmp_path / "report.json").read_text())["ledger"]["head"]
     assert report_head == seeded.privacy.ledger_info["head"] != fresh.privacy.ledger_info["head"] != led.head()
     assert third.privacy.ledger_info["head"] == led.head()
