@@ -43,7 +43,7 @@ from monai_dp.utils.randomness import (
 )
 from monai_dp.utils.validation import check_choice, check_positive_int, error_message
 
-__all__ = ["DPOptions", "DPSetup", "LoaderPlan", "build_dp_setup"]
+__all__ = ["DPOptions", "DPSetup", "LoaderPlan", "build_dp_setup", "rebuild_training_loader"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
 
@@ -177,6 +177,34 @@ def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length:
         secure_mode=o.secure_mode)
     clipper = make_clipper(network, loss_function, inferer, mode=o.grad_sample_mode)
     return DPSetup(network, dp_loader, plan, budget, dp_optimizer, params, physical, amp_dtype, fingerprint, clipper)
+
+
+def rebuild_training_loader(setup: DPSetup, budget: PrivacyBudget, data: Any) -> DataLoader:
+    """A loader set after construction (``set_data``, ``data_loader = ...``), rebuilt like the first one.
+
+    It must hold the same training set (same number of sampled units, same record fingerprint where one can be
+    taken): the accounting, its q and the ledger charge belong to that set. It is rebuilt with Poisson sampling
+    at the q in force.
+    """
+    if not isinstance(data, DataLoader):
+        raise TypeError(error_message("data", "a torch DataLoader over the training set", type(data).__name__,
+                                      "DP training samples the loader's dataset itself (Poisson sampling)."))
+    plan, known = setup.loader_plan, setup.records_fingerprint
+    units, _ = plan.units(data)
+    n = dataset_length(data) if units is None else len(units)
+    fingerprint = records_fingerprint(data, plan.patient_key)
+    if n != budget.num_units or (fingerprint and known and fingerprint != known):
+        raise DPConfigurationError(error_message(
+            "data", f"a loader over this trainer's training set ({budget.num_units} {budget.unit}s"
+            f"{', fingerprint ' + known if known else ''})",
+            f"{n} {budget.unit}s" + (f", fingerprint {fingerprint}" if fingerprint else ""),
+            "The accounting belongs to one training set; train on another set with a new trainer."))
+    loader, sampling = plan.build(data, budget.sample_rate, units)
+    if sampling != budget.sampling:  # pragma: no cover - the plan is the one used at construction
+        raise RuntimeError("the rebuilt loader's sampling differs from the accounted one")
+    logger.info("A new training loader was set: rebuilt with %s sampling at q = %.4g (as accounted).",
+                sampling, budget.sample_rate)
+    return loader
 
 
 def _loader_plan(o: DPOptions, unit: str, rank: int, world: int) -> LoaderPlan:

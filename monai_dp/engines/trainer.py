@@ -20,11 +20,11 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
 from monai_dp.data import (
-    dataset_length,
     get_row_groups,
     is_empty_batch,
 )
-from monai_dp.engines.builder import DPOptions, build_dp_setup
+from monai_dp.engines.builder import DPOptions, build_dp_setup, rebuild_training_loader
+from monai_dp.engines.checks import check_finite
 from monai_dp.engines.digest import weights_digest
 from monai_dp.engines.optimizer import (
     PrivateNoiseDistributedDPOptimizer,
@@ -32,13 +32,11 @@ from monai_dp.engines.optimizer import (
 )
 from monai_dp.engines.setup import (
     item_chunks,
-    records_fingerprint,
 )
 from monai_dp.losses import check_targets
 from monai_dp.privacy.budget import PrivacyBudget
 from monai_dp.utils.errors import (
     DPConfigurationError,
-    NonFiniteGradientError,
     PrivacyBudgetExhaustedError,
 )
 from monai_dp.utils.keys import DPKeys
@@ -225,33 +223,10 @@ class DPSupervisedTrainer(SupervisedTrainer):
 
     # ------------------------------------------------------------------ loaders
     def _dp_loader_for(self, data: Any) -> DataLoader:
-        """``data`` as the trainer may iterate it: its own loader, or ``data`` re-wrapped with Poisson sampling.
-
-        A loader set after construction (``set_data``, ``data_loader = ...``) must hold the same training set
-        (same number of sampled units, same record fingerprint where one can be taken): the accounting, its q
-        and the ledger charge belong to that set. It is rebuilt with Poisson sampling at the accounted q.
-        """
+        """``data`` as the trainer may iterate it: its own loader, or ``data`` rebuilt with Poisson sampling."""
         if data is getattr(self, "_dp_loader", None):
             return data
-        if not isinstance(data, DataLoader):
-            raise TypeError(error_message("data", "a torch DataLoader over the training set", type(data).__name__,
-                                          "DP training samples the loader's dataset itself (Poisson sampling)."))
-        plan, priv, known = self.dp_setup.loader_plan, self.privacy, self.dp_setup.records_fingerprint
-        units, _ = plan.units(data)
-        n = dataset_length(data) if units is None else len(units)
-        fingerprint = records_fingerprint(data, plan.patient_key)
-        if n != priv.num_units or (fingerprint and known and fingerprint != known):
-            raise DPConfigurationError(error_message(
-                "data", f"a loader over this trainer's training set ({priv.num_units} {priv.unit}s"
-                f"{', fingerprint ' + known if known else ''})",
-                f"{n} {priv.unit}s" + (f", fingerprint {fingerprint}" if fingerprint else ""),
-                "The accounting belongs to one training set; train on another set with a new trainer."))
-        loader, sampling = plan.build(data, priv.sample_rate, units)
-        if sampling != priv.sampling:  # pragma: no cover - the spec is the one used at construction
-            raise RuntimeError("the rebuilt loader's sampling differs from the accounted one")
-        logger.info("A new training loader was set: rebuilt with %s sampling at q = %.4g (as accounted).",
-                    sampling, priv.sample_rate)
-        return loader
+        return rebuild_training_loader(self.dp_setup, self.privacy, data)
 
     @property
     def data_loader(self) -> Any:
@@ -402,7 +377,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
             rows = groups[r0:r1] - first_item
             out = self.clipper.clipped_sum(x[r0:r1], y[r0:r1], rows, last_item - first_item,
                                            self.optimizer.max_grad_norm, self._amp_dtype)
-            self._check_finite(out.losses, out.norms, rows, r0)
+            check_finite(out.losses, out.norms, rows, r0, self.state)
             total = out.summed if total is None else {n: total[n] + g for n, g in out.summed.items()}
             losses.append(out.losses)
             preds.append(out.preds)
@@ -430,43 +405,6 @@ class DPSupervisedTrainer(SupervisedTrainer):
             probe = probe[0] if isinstance(probe, (list, tuple)) else probe
             self._pred_layout = torch.empty(tuple(probe.shape[:2]) + (1,) * max(probe.ndim - 2, 0))
         check_targets(self._pred_layout, y, self.loss_function)
-
-    def _check_finite(self, row_losses: torch.Tensor, item_norms: torch.Tensor, groups: torch.Tensor,
-                      first_row: int) -> None:
-        """Raise before the update when a row's loss or an item's gradient norm is NaN or infinite.
-
-        A non-finite gradient would turn the clipped sum (and so the model) into NaN, or be silently clipped to
-        zero; either way the record is broken and training must stop, naming it.
-        """
-        bad_rows = ~torch.isfinite(row_losses.reshape(-1))
-        bad_items = ~torch.isfinite(item_norms.reshape(-1))
-        if not (bool(bad_rows.any()) or bool(bad_items.any())):
-            return
-        if bool(bad_rows.any()):
-            row, what = int(bad_rows.nonzero()[0]), "loss"
-        else:
-            row, what = int((groups == int(bad_items.nonzero()[0])).nonzero()[0]), "gradient"
-        row += first_row
-        raise NonFiniteGradientError(
-            f"The {what} of {self._record_name(row)} is not finite (NaN or inf) at epoch {self.state.epoch}, "
-            f"iteration {self.state.iteration}. Nothing of this step was applied; it is accounted as taken. "
-            "Check that record (non-finite or extreme pixel values, a label outside the classes) and its "
-            "transforms, e.g. add ScaleIntensityd or NormalizeIntensityd.")
-
-    def _record_name(self, row: int) -> str:
-        """The record a batch row came from: its file name where MONAI's metadata has one, else its row."""
-        batch = self.state.batch
-        names = None
-        if isinstance(batch, dict):
-            image = batch.get(Keys.IMAGE)
-            meta = getattr(image, "meta", None)
-            if not isinstance(meta, dict):
-                meta = batch.get(f"{Keys.IMAGE}_meta_dict")
-            if isinstance(meta, dict):
-                names = meta.get("filename_or_obj")
-        if isinstance(names, (list, tuple)) and 0 <= row < len(names):
-            return f"record {names[row]!r} (row {row} of the batch)"
-        return f"row {row} of the batch"
 
     def _unpack(self, batchdata: Any) -> tuple[Any, Any, torch.Tensor]:
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
