@@ -434,8 +434,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
             p.grad_sample = None
 
     def _noisy_step(self) -> None:
-        if not self.privacy.allows_step():  # σ or q changed during the iteration: check them again
-            raise PrivacyBudgetExhaustedError(self.privacy.exhausted_message())
+        verdict = self.privacy.next_step_verdict()  # σ or q may have changed during the iteration
+        if not verdict.allowed:
+            raise PrivacyBudgetExhaustedError(verdict.message)
         self.privacy.before_step()
         self.optimizer.signal_skip_step(do_skip=False)
         self.optimizer.step()

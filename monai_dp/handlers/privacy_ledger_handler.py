@@ -156,7 +156,7 @@ class PrivacyLedgerHandler:
 
     def completed(self, engine: Engine) -> None:
         status = "stopped" if getattr(engine.state, DPKeys.BUDGET_EXHAUSTED, False) else "finished"
-        engine.privacy.finish_ledger_run(status)
+        engine.privacy.finish(status)
         info = engine.privacy.ledger_info
         if info is not None and self._opened is not None:
             info["head"] = self._opened.head()

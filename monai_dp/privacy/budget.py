@@ -255,10 +255,6 @@ class PrivacyBudget:
             return False
         return self.next_step_verdict().allowed
 
-    def exhausted_message(self) -> str:
-        verdict = self.next_step_verdict()
-        return verdict.message or f"The privacy budget allows no more steps after {self.steps} steps."
-
     # ------------------------------------------------------------------ gates
     def add_gate(self, gate: Any) -> None:
         """Add a gate; a gate with the name of one already there replaces it."""
@@ -288,15 +284,6 @@ class PrivacyBudget:
     def attach_ledger_run(self, ledger: Any, run: Any, dataset_id: str) -> None:
         """Charge this run's steps to ``run`` of ``ledger`` from now on (a :class:`LedgerGate`)."""
         self.add_gate(LedgerGate(ledger, run, dataset_id, self.steps))
-
-    def ledger_allows_step(self) -> bool:
-        gate = self.ledger_gate
-        return gate is None or gate.verdict(self).allowed
-
-    def finish_ledger_run(self, status: str) -> None:
-        gate = self.ledger_gate
-        if gate is not None:
-            gate.finish(status, self)
 
     @property
     def reproducible(self) -> bool:
