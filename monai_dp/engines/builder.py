@@ -26,7 +26,7 @@ from monai_dp.engines.optimizer import (
     PrivateNoiseDPOptimizer,
 )
 from monai_dp.engines.setup import broadcast_parameters, records_fingerprint
-from monai_dp.losses import check_per_sample_loss
+from monai_dp.losses import check_per_sample_loss, make_per_sample_loss
 from monai_dp.networks import (
     AutoClipper,
     find_incompatible_modules,
@@ -146,7 +146,7 @@ def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length:
     check_positive_int("accumulation_steps", accumulation_steps)
     check_positive_int("max_epochs", max_epochs)
     amp_dtype = check_amp(amp, amp_kwargs)
-    check_per_sample_loss(loss_function)
+    prepare_loss(loss_function, o.make_compatible)
     network = prepare_network(network, o.make_compatible)
     unit = check_choice("privacy_unit", o.privacy_unit, PRIVACY_UNITS)
     rank, world = rank_world()
@@ -296,14 +296,37 @@ def refuse_unsafe_options(iteration_update: Callable | None, compile: bool) -> N
                                                  "torch.compile is not supported with per-sample gradients yet."))
 
 
+def prepare_loss(loss_function: Callable, make_compatible: bool) -> Callable:
+    """The loss, made per-example where that is a reduction switch (``make_compatible``, logged), else checked."""
+    if make_compatible:
+        make_per_sample_loss(loss_function)  # in place: the trainer's loss_function is this object
+    check_per_sample_loss(loss_function)
+    return loss_function
+
+
+_DATA_PARALLEL = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+
+
+def unwrap_data_parallel(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` (a model-zoo ``multi_gpu_train.json``
+    wraps ``network_def`` in DDP), logged.
+
+    DDP averages raw gradients, which would bypass per-sample clipping and noise; the DP trainer trains the
+    wrapped module and, under ``torch.distributed``, all-reduces the clipped, noised sums itself
+    (``PrivateNoiseDistributedDPOptimizer``). The wrapper stays usable for evaluation (same parameters).
+    """
+    while isinstance(network, _DATA_PARALLEL):
+        logger.info("network: %s unwrapped; its module (%s) is trained. The DP optimizer all-reduces the clipped, "
+                    "noised gradient sums across processes instead of the wrapper's averaging of raw gradients.",
+                    type(network).__name__, type(network.module).__name__)
+        network = network.module
+    return network
+
+
 def prepare_network(network: torch.nn.Module, make_compatible: bool) -> torch.nn.Module:
     if not isinstance(network, torch.nn.Module):
         raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
-    if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        raise DPConfigurationError(
-            error_message("network", "an unwrapped module with DP training", type(network).__name__,
-                          "DDP averages raw gradients, which bypasses per-sample clipping and noise; pass the "
-                          "plain network: under torchrun the DP trainer all-reduces the clipped, noised sums."))
+    network = unwrap_data_parallel(network)
     if make_compatible:
         network, report = make_private_compatible(network)
         if len(report):

@@ -1,3 +1,3 @@
-from .checks import check_per_sample_loss, check_targets
+from .checks import check_per_sample_loss, check_targets, make_per_sample_loss
 
-__all__ = ["check_per_sample_loss", "check_targets"]
+__all__ = ["check_per_sample_loss", "check_targets", "make_per_sample_loss"]

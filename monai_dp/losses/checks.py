@@ -3,7 +3,10 @@
 DP-SGD clips each example's gradient, which presumes each example has a loss of its own. A loss
 that pools statistics over the batch (``DiceLoss(batch=True)``, anything with BatchNorm inside) has
 no per-example value; the trainer evaluates losses on one example at a time, so such a loss would
-silently turn into a different loss. It is refused instead (:func:`check_per_sample_loss`).
+silently turn into a different loss. Where the pooling is only a reduction switch (MONAI's Dice-family
+``batch=True``: the batch dimension is summed together with the spatial ones), :func:`make_per_sample_loss`
+switches it off and logs a WARNING naming the attribute; any other pooling is refused
+(:func:`check_per_sample_loss`).
 
 Targets that are class indices out of range, fractional or not finite fail deep inside torch with a
 message that differs by gradient mode and device (an index error on CPU, a device-side assert that
@@ -13,8 +16,9 @@ poisons the CUDA context on GPU), or pass silently (MONAI's one-hot truncates 1.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,25 +27,70 @@ from torch import nn
 from monai_dp.utils.errors import DPConfigurationError
 from monai_dp.utils.validation import error_message
 
-__all__ = ["check_per_sample_loss", "check_targets"]
+__all__ = ["check_per_sample_loss", "check_targets", "make_per_sample_loss"]
+
+logger = logging.getLogger(__name__)
 
 _INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
+# MONAI losses whose `batch` flag only adds the batch dimension to the sums over the spatial ones: with
+# batch=False each example's value depends on that example alone, and on a batch of one both settings agree.
+# Exact classes only: a subclass may use the flag otherwise.
+_BATCH_SWITCH_LOSSES = ("DiceLoss", "MaskedDiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "HausdorffDTLoss",
+                        "LogHausdorffDTLoss", "MCCLoss", "BoundaryLoss")
 
 
-def _batch_flags(loss: object, path: str = "loss_function", seen: set | None = None) -> list[str]:
-    seen = set() if seen is None else seen
+def _is_batch_switch(loss: object) -> bool:
+    import monai.losses
+
+    return any(type(loss) is getattr(monai.losses, name, None) for name in _BATCH_SWITCH_LOSSES)
+
+
+def _walk(loss: object, path: str, seen: set) -> Iterator[tuple[str, object]]:
+    """``(path, part)`` for ``loss`` and every submodule reachable from it, each object once."""
     if id(loss) in seen:
-        return []
+        return
     seen.add(id(loss))
-    found = []
-    if getattr(loss, "batch", False) is True:
-        found.append(f"{path}.batch")
+    yield path, loss
     if isinstance(loss, nn.Module):
         for name, child in loss.named_children():
-            found += _batch_flags(child, f"{path}.{name}", seen)
-        for name, m in loss.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                found.append(f"{path}.{name} ({type(m).__name__})")
+            yield from _walk(child, f"{path}.{name}", seen)
+
+
+def make_per_sample_loss(loss_function: Callable) -> tuple[Callable, list[str]]:
+    """Switch ``batch=True`` to ``batch=False`` in place where it is a pure reduction switch, and say so.
+
+    DP-SGD clips each example's gradient, so the trainer evaluates the loss on one example at a time; a MONAI
+    Dice-family loss with ``batch=True`` (``DiceCELoss(batch=True)`` in model-zoo bundles) then computes the
+    per-example loss of ``batch=False``, not the batch-pooled loss the config asked for. The flag is switched on
+    the loss object itself (also inside composite losses: ``DiceCELoss.dice``) so that the loss the trainer holds
+    is the loss it trains with; each change is logged as a WARNING with the attribute's path, its old and new
+    value and why. Losses pooled in other ways are left as they are for :func:`check_per_sample_loss` to refuse.
+
+    Returns:
+        ``(loss_function, changed)``: the same object, and the paths of the attributes switched
+        (``["loss_function.dice.batch"]``; empty when nothing needed a change).
+    """
+    if not callable(loss_function):
+        raise TypeError(error_message("loss_function", "callable", type(loss_function).__name__))
+    changed = []
+    for path, part in _walk(loss_function, "loss_function", set()):
+        if getattr(part, "batch", False) is True and _is_batch_switch(part):
+            part.batch = False
+            changed.append(f"{path}.batch")
+            logger.warning(
+                "%s.batch: True -> False. %s(batch=True) pools its statistics over the batch; DP-SGD clips each "
+                "example's gradient, so the loss is evaluated per example, which is what batch=False computes. "
+                "Set batch=False in the loss's config to make this explicit.", path, type(part).__name__)
+    return loss_function, changed
+
+
+def _batch_flags(loss: object) -> list[str]:
+    found = []
+    for path, part in _walk(loss, "loss_function", set()):
+        if getattr(part, "batch", False) is True:
+            found.append(f"{path}.batch")
+        if isinstance(part, nn.modules.batchnorm._BatchNorm):
+            found.append(f"{path} ({type(part).__name__})")
     return found
 
 

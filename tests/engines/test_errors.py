@@ -47,10 +47,9 @@ def build(**over):
         ({"iteration_update": lambda e, b: None}, DPConfigurationError, r"`iteration_update` must be None"),
         ({"compile": True}, DPConfigurationError, r"`compile` must be False with DP training"),
         ({"poisson_sampling": False}, DPConfigurationError, r"`poisson_sampling` must be True unless"),
-        ({"loss_function": DiceLoss(batch=True)}, DPConfigurationError, r"`loss_function` must be a per-example loss.*batch=False"),
+        ({"loss_function": DiceLoss(batch=True), "make_compatible": False}, DPConfigurationError,
+         r"`loss_function` must be a per-example loss.*batch=False"),
         ({"amp": True, "amp_kwargs": {"dtype": torch.float16}}, DPConfigurationError, r"bfloat16"),
-        ({"network": nn.DataParallel(TinyClassifier())}, DPConfigurationError,
-         r"`network` must be an unwrapped module with DP training, got 'DataParallel'"),
     ],
 )
 def test_bad_arguments(over, err, match):
