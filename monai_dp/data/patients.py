@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from monai_dp.utils.validation import error_message
 __all__ = [
     "PatientDataset",
     "PatientIdError",
+    "dicom_patient_id",
     "normalize_patient_ids",
     "patient_ids_of",
     "records_per_patient_summary",
@@ -120,9 +122,91 @@ def normalize_patient_ids(ids: Sequence[Any], name: str = "patient_ids", item_na
     return out
 
 
-def patient_ids_of(dataset: Any, patient_key: str = "patient_id") -> list[str]:
+_HOW_TO_GIVE_IDS = ("Give every record a patient id under `patient_key`, pass `patient_id_pattern` (a regular "
+                    "expression over the image path whose group `patient`, or first group, is the id), use DICOM "
+                    "images (their PatientID is read), or use privacy_unit='record'.")
+
+
+def _compile_pattern(pattern: Any) -> re.Pattern | None:
+    if pattern is None or isinstance(pattern, re.Pattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise TypeError(error_message("patient_id_pattern", "a str (a regular expression) or None", type(pattern).__name__))
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(error_message("patient_id_pattern", "a valid regular expression", pattern, str(err))) from None
+
+
+def _is_dicom(path: str) -> bool:
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_patient_id(path: str | os.PathLike) -> str | None:
+    """The PatientID of a DICOM file, or of the first DICOM file of a series folder; ``None`` if not DICOM.
+
+    Only the header is read. Raises :class:`PatientIdError` when the DICOM data has no PatientID (anonymised).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))]
+        path = next((f for f in files if os.path.isfile(f) and _is_dicom(f)), "")
+    if not (path and os.path.isfile(path) and _is_dicom(path)):
+        return None
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
+    value = str(getattr(header, "PatientID", "") or "").strip()
+    if not value:
+        raise PatientIdError(error_message(f"PatientID of DICOM file {path!r}", "a non-empty patient id", value,
+                                           _HOW_TO_GIVE_IDS))
+    return value
+
+
+def _image_path(rec: dict) -> str | None:
+    image = rec.get("image")
+    if isinstance(image, (list, tuple)) and image:
+        image = image[0]
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+def _derived_patient_id(rec: Any, i: int, patient_key: str, pattern: re.Pattern | None) -> str:
+    """The patient id of record ``i``, which has no ``patient_key``: from ``pattern`` over its image path, or
+    from its DICOM header; refused with how to give ids otherwise."""
+    path = _image_path(rec) if isinstance(rec, dict) else None
+    if pattern is not None:
+        found = None if path is None else pattern.search(path)
+        if found is None:
+            raise PatientIdError(error_message(
+                f"record {i}['image']", f"a path matching patient_id_pattern {pattern.pattern!r}",
+                path if path is not None else (type(rec.get("image")).__name__ if isinstance(rec, dict) else rec),
+                "Fix the pattern, or give the record its id under `patient_key`."))
+        group = "patient" if "patient" in pattern.groupindex else (1 if pattern.groups else 0)
+        return found.group(group)
+    pid = None if path is None else dicom_patient_id(path)
+    if pid is None:
+        raise ValueError(error_message(
+            f"record {i} of the training data", f"a dict with the patient key {patient_key!r}, or a DICOM image",
+            sorted(rec) if isinstance(rec, dict) else type(rec).__name__, _HOW_TO_GIVE_IDS))
+    return pid
+
+
+def patient_ids_of(dataset: Any, patient_key: str = "patient_id", pattern: str | re.Pattern | None = None) -> list[str]:
     """The patient id of every record of a MONAI-style dataset (its ``data`` list of dicts), normalised by
-    :func:`normalize_patient_ids`."""
+    :func:`normalize_patient_ids`.
+
+    A record's id is its ``patient_key`` entry; a record without one gets the id ``pattern`` finds in its image
+    path (the group named ``patient``, else the first group, else the whole match), or without ``pattern`` the
+    PatientID of its DICOM image (a ``.dcm`` file or a series folder). Otherwise it is refused, saying how to
+    give ids (a record level run then states no patient-level guarantee).
+    """
+    compiled = _compile_pattern(pattern)
     records = getattr(dataset, "data", None)
     if records is None:
         raise ValueError(
@@ -132,13 +216,10 @@ def patient_ids_of(dataset: Any, patient_key: str = "patient_id") -> list[str]:
         )
     ids = []
     for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or patient_key not in rec:
-            raise ValueError(
-                error_message(f"record {i} of the training data", f"a dict with the patient key {patient_key!r}",
-                              sorted(rec) if isinstance(rec, dict) else type(rec).__name__,
-                              "Add a patient id to every record, set `patient_key`, or use privacy_unit='record'.")
-            )
-        ids.append(rec[patient_key])
+        if isinstance(rec, dict) and patient_key in rec:
+            ids.append(rec[patient_key])
+        else:
+            ids.append(_derived_patient_id(rec, i, patient_key, compiled))
     return normalize_patient_ids(ids, patient_key, f"record {{i}}[{patient_key!r}]")
 
 

@@ -21,11 +21,21 @@ from monai_dp.data.patients import (
 )
 from monai_dp.utils.validation import error_message
 
-__all__ = ["PRIVACY_UNITS", "sampling_units"]
+__all__ = ["PRIVACY_UNITS", "resolve_patient_ids", "sampling_units"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
 
 PRIVACY_UNITS = ("record", "patient")
+
+
+def resolve_patient_ids(loader: Any, patient_key: str, patient_ids: Sequence | None,
+                        patient_id_pattern: str | None) -> Sequence | None:
+    """``patient_ids`` as given, or with ``patient_id_pattern`` the ids of the loader's records (their
+    ``patient_key`` entry, else the pattern over their image path; see :func:`patient_ids_of`)."""
+    if patient_id_pattern is None or patient_ids is not None:
+        return patient_ids
+    dataset = loader.dataset if isinstance(loader, DataLoader) else None
+    return patient_ids_of(dataset, patient_key, pattern=patient_id_pattern)
 
 
 def sampling_units(loader: Any, unit: str, patient_key: str, patient_ids: Sequence | None,

@@ -23,9 +23,11 @@ from monai_dp.data import (
     get_row_groups,
     is_empty_batch,
 )
+from monai_dp.data.units import resolve_patient_ids
 from monai_dp.engines.builder import DPOptions, build_dp_setup, rebuild_training_loader
 from monai_dp.engines.checks import check_finite
 from monai_dp.engines.digest import weights_digest
+from monai_dp.engines.history import INITIAL_WEIGHTS, check_initial_weights, register_network
 from monai_dp.engines.optimizer import (
     PrivateNoiseDistributedDPOptimizer,
     PrivateNoiseDPOptimizer,
@@ -41,7 +43,7 @@ from monai_dp.utils.errors import (
 )
 from monai_dp.utils.keys import DPKeys
 from monai_dp.utils.randomness import os_seed
-from monai_dp.utils.validation import error_message
+from monai_dp.utils.validation import check_choice, error_message
 
 __all__ = ["DPSupervisedTrainer"]
 
@@ -109,6 +111,22 @@ class DPSupervisedTrainer(SupervisedTrainer):
             (``trainer.privacy``) to continue: its plan, σ, accounting and gates carry on (the next federated
             round, the next retrain); the training set, batch size and unit must be the same, and the DP
             arguments above must be left unset.
+        privacy_history: where the privacy history of weights loaded after construction is looked up: a model
+            file saved with ``{"model": network, "privacy": PrivacyHistory(network)}``, a trainer checkpoint, a
+            folder of them, or a list. Before its first step the trainer compares the network's weights with those
+            it was built with; changed weights (e.g. MONAI Label's ``CheckpointLoader`` of ``model.pt``) must
+            have their history found there (matched by the weights' digest), which is then composed before this
+            run's steps, or training is refused (see :mod:`monai_dp.engines.history`).
+        initial_weights: ``"accounted"`` (default: as above) or ``"public"``: weights loaded after construction
+            are declared to carry no private training (a public pretrained model), so no history is looked up
+            (logged as a WARNING, recorded in the report). Weights loaded before construction are the user's
+            starting point either way.
+        register_dataset: with ``ledger``, create the ledger file if it is missing and, on first use, register
+            the dataset with the budget (``target_epsilon``, δ, unit); later runs on the same data compose with
+            the earlier ones or are refused when it is spent (bundles do this by default).
+        patient_id_pattern: a regular expression searched in each record's image path for records without
+            ``patient_key``: its group ``patient`` (or first group, or whole match) is the patient id.
+            Without it, records without ids whose image is DICOM get the header's PatientID.
 
     The privacy budget (``trainer.privacy``) decides every step: the trainer asks it on ``ITERATION_STARTED``
     and stops gracefully (``state.dp_budget_exhausted``) before the step that would exceed it.
@@ -165,7 +183,12 @@ class DPSupervisedTrainer(SupervisedTrainer):
         planned_epochs: int | None = None,
         planned_steps: int | None = None,
         privacy_budget: PrivacyBudget | None = None,
+        privacy_history: Any = None,
+        initial_weights: str = "accounted",
+        register_dataset: bool = False,
+        patient_id_pattern: str | None = None,
     ) -> None:
+        patient_ids = resolve_patient_ids(train_data_loader, patient_key, patient_ids, patient_id_pattern)
         args = locals()
         setup = build_dp_setup(
             device=device, max_epochs=max_epochs, epoch_length=epoch_length, loader=train_data_loader, network=network,
@@ -176,6 +199,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self._amp_dtype, self.physical_batch_size, self.dp_network_params = (
             setup.amp_dtype, setup.physical_batch_size, setup.params)
         self.clipper, self.grad_sample_mode, self._pred_layout = setup.clipper, setup.clipper.mode, None
+        self.initial_weights = check_choice("initial_weights", initial_weights, INITIAL_WEIGHTS)
+        self.privacy_history, self.register_dataset = privacy_history, bool(register_dataset)
+        self._history_candidates: list = []  # (privacy state, source) handed in by a loaded PrivacyHistory
         super().__init__(
             device=device, max_epochs=max_epochs, train_data_loader=setup.loader, network=setup.network,
             optimizer=setup.optimizer, loss_function=loss_function, epoch_length=epoch_length,
@@ -187,7 +213,11 @@ class DPSupervisedTrainer(SupervisedTrainer):
             compile=False, compile_kwargs=None, accumulation_steps=1,
         )
         self.clipper.inferer = self.inferer
-        self.privacy.bind(mechanism=self._current_mechanism, digest=lambda: weights_digest(self.network, self.optimizer))
+        self.privacy.bind(mechanism=self._current_mechanism, digest=lambda: weights_digest(self.network, self.optimizer),
+                          model_digest=lambda: weights_digest(self.network))
+        for net in {id(network): network, id(self.network): self.network}.values():
+            register_network(net, self)
+        self._initial_weights_digest, self._weights_checked = weights_digest(self.network), False
         if setup.optimizer.secure_mode:
             self.add_event_handler(Events.EPOCH_STARTED, self._reseed_sampler)
         self.logger.info(self.privacy.describe())
@@ -199,13 +229,16 @@ class DPSupervisedTrainer(SupervisedTrainer):
         handlers = list(train_handlers or [])
         own: list = [_StepGate()]
         if ledger is not None and not any(isinstance(h, PrivacyLedgerHandler) for h in handlers):
-            own.append(PrivacyLedgerHandler(ledger, self.privacy.dataset_id))
+            own.append(PrivacyLedgerHandler(ledger, self.privacy.dataset_id, register=self.register_dataset))
         if not any(isinstance(h, PrivacyMetricsHandler) for h in handlers):
             own.append(PrivacyMetricsHandler())
         return own
 
     def _budget_gate(self, engine: Any) -> None:
         """``ITERATION_STARTED``: ask the budget; when it refuses the step, log why and stop gracefully."""
+        if not self._weights_checked:  # the first step: weights loaded since construction bring their history
+            check_initial_weights(self)
+            self._weights_checked = True
         verdict = self.privacy.next_step_verdict()
         if verdict.allowed:
             return

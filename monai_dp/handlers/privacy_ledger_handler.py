@@ -19,18 +19,21 @@ __all__ = ["PrivacyLedgerHandler"]
 logger = logging.getLogger(__name__)
 
 
-def open_ledger(ledger: Any):
+def open_ledger(ledger: Any, create: bool = False):
     """A :class:`~monai_dp.privacy.ledger.PrivacyLedger` from a path or a ledger object.
 
-    A path must hold a ledger already (``monai-dp ledger init`` creates one): a training run never creates a
-    ledger, so a ledger that was deleted is not silently replaced by an empty one.
+    A path must hold a ledger already (``monai-dp ledger init`` creates one) unless ``create``: a training run
+    creates a ledger only when asked to (``register=True``), so a ledger that was deleted is not silently replaced
+    by an empty one otherwise.
     """
     from monai_dp.privacy.ledger import PrivacyLedger
 
     if isinstance(ledger, PrivacyLedger):
         return ledger
     if isinstance(ledger, (str, os.PathLike)):
-        return PrivacyLedger(ledger, create=False)
+        if create:
+            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(ledger))), exist_ok=True)
+        return PrivacyLedger(ledger, create=bool(create))
     raise TypeError(error_message("ledger", "a path to the ledger's SQLite file or a PrivacyLedger",
                                   type(ledger).__name__))
 
@@ -81,12 +84,16 @@ class PrivacyLedgerHandler:
         ledger: the ledger's SQLite file, or a ``PrivacyLedger``.
         dataset_id: the dataset's id in the ledger; default: the trainer's (the fingerprint of its records).
         note: free text stored with the run (e.g. the experiment name).
+        register: create the ledger file if it is missing, and register a dataset the ledger does not know yet
+            with the trainer's budget: ε = ``target_epsilon``, its δ and unit (a budget, once recorded, never
+            changes: a later ``target_epsilon`` does not move it). Bundles keep their ledger this way.
     """
 
-    def __init__(self, ledger: Any, dataset_id: str | None = None, note: str = "") -> None:
+    def __init__(self, ledger: Any, dataset_id: str | None = None, note: str = "", register: bool = False) -> None:
         self.ledger = ledger
         self.dataset_id = dataset_id
         self.note = str(note)
+        self.register = bool(register)
         self.run_id: int | None = None
         self._opened: Any = None  # the ledger this run is charged to (rank 0), for its head at the end
 
@@ -112,7 +119,9 @@ class PrivacyLedgerHandler:
         ledger, run, failure = None, None, None
         if rank == 0:  # one run per training job: rank 0 holds the ledger, the others follow its reservation
             try:
-                ledger = open_ledger(self.ledger)
+                ledger = open_ledger(self.ledger, create=self.register)
+                if self.register:
+                    self._register(ledger, dataset_id, priv)
                 run = ledger.begin_run(dataset_id, noise_multiplier=priv.noise_multiplier,
                                        sample_rate=priv.sample_rate, max_grad_norm=priv.max_grad_norm,
                                        planned_steps=max(remaining, 1), unit=priv.unit,
@@ -139,6 +148,25 @@ class PrivacyLedgerHandler:
             engine.logger.warning("Privacy ledger: dataset %r has budget left for %d of the %d planned steps; this "
                                   "run stops after %d steps.", dataset_id, run.allowed_steps, remaining,
                                   run.allowed_steps)
+
+    @staticmethod
+    def _register(ledger: Any, dataset_id: str, priv: Any) -> None:
+        """Register ``dataset_id`` with the trainer's budget on first use (nothing if the ledger knows it)."""
+        if dataset_id in ledger.dataset_ids():
+            return
+        if priv.target_epsilon is None:
+            raise ValueError(error_message(
+                "target_epsilon", "given to register a dataset in the ledger on first use", None,
+                f"Give `target_epsilon` (the dataset's budget), or register {dataset_id!r} with "
+                "`monai-dp ledger init`."))
+        try:
+            ledger.init_dataset(dataset_id, epsilon=priv.target_epsilon, delta=priv.delta, unit=priv.unit,
+                                description="registered on first use by a training run (target_epsilon)")
+            logger.info("Privacy ledger %s: dataset %r registered with the budget ε = %g at δ = %.3g (%s level).",
+                        ledger.path, dataset_id, priv.target_epsilon, priv.delta, priv.unit)
+        except ValueError:
+            if dataset_id not in ledger.dataset_ids():
+                raise  # another run registered it meanwhile otherwise, and its budget holds
 
     @staticmethod
     def _group_size(ledger: Any, dataset_id: str, priv: Any) -> int:

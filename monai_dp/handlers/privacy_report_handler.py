@@ -43,6 +43,7 @@ def privacy_report(engine: Any, patient_level: bool = True) -> dict:
         "sampling": priv.sampling,
         "accountant": priv.accountant.name,
         "history": [[float(sig), float(q), int(n)] for sig, q, n in priv.accountant.history],
+        "prior": [dict(p) for p in getattr(priv, "prior", [])],  # earlier runs the weights continue (composed)
         "randomness": _randomness(priv),
         "budget_exhausted": bool(getattr(engine.state, DPKeys.BUDGET_EXHAUSTED, False)),
         "dataset_id": getattr(priv, "dataset_id", None),

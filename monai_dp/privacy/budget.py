@@ -172,13 +172,17 @@ class PrivacyBudget:
         self._eps_cache: tuple[int, float, float] | None = None
         self._mechanism: Callable[[], tuple[float, float]] | None = None
         self._digest: Callable[[], str] | None = None
+        self._model_digest: Callable[[], str] | None = None
+        self.prior: list[dict] = []  # the runs whose weights this job continued from (see compose_prior)
+        self.loaded_digests: set[str] = set()  # digests of the weights the last loaded accounting belongs to
         self._rewind: tuple[str, int, int] | None = None  # (checkpoint digest, steps before, steps loaded)
 
     # ------------------------------------------------------------------ what is in force
     def bind(self, mechanism: Callable[[], tuple[float, float]] | None = None,
-             digest: Callable[[], str] | None = None) -> None:
-        """Read (σ, q) from ``mechanism()`` before every verdict and step; ``digest()``: the weights' digest."""
-        self._mechanism, self._digest = mechanism, digest
+             digest: Callable[[], str] | None = None, model_digest: Callable[[], str] | None = None) -> None:
+        """Read (σ, q) from ``mechanism()`` before every verdict and step; ``digest()``: the digest of the weights
+        and the optimizer state; ``model_digest()``: of the weights alone (what a model file holds)."""
+        self._mechanism, self._digest, self._model_digest = mechanism, digest, model_digest
 
     def sync(self) -> None:
         """Take the (σ, q) in force now; a change is accounted from the next step on (and logged)."""
@@ -234,7 +238,7 @@ class PrivacyBudget:
             return None
         cached = self._limits.get(target)
         if cached is None or cached <= self.steps:
-            limit = max(self.planned_steps - self.steps, 0) + 1
+            limit = max(self.planned_steps + self.prior_steps - self.steps, 0) + 1
             cached = self.steps + self.accountant.max_extra_steps(target, self.delta, self.noise_multiplier,
                                                                   self.sample_rate, limit=limit)
             self._limits[target] = cached
@@ -303,6 +307,8 @@ class PrivacyBudget:
         return {
             "accountant": self.accountant.state_dict(),
             "weights_digest": None if self._digest is None else self._digest(),
+            "model_digest": None if self._model_digest is None else self._model_digest(),
+            "prior": [dict(p) for p in self.prior],
             "noise_seed": self.noise_seed,
             "sampling_seed": self.sampling_seed,
             "noise_multiplier": self.noise_multiplier,
@@ -313,6 +319,7 @@ class PrivacyBudget:
             "num_units": self.num_units,
             "sampling": self.sampling,
             "unit": self.unit,
+            "dataset_id": self.dataset_id,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -353,10 +360,55 @@ class PrivacyBudget:
         if state.get("sampling", "poisson") != "poisson" and self.sampling == "poisson":
             self.sampling = str(state["sampling"])
             logger.warning("Resumed accounting includes steps taken without Poisson sampling.")
+        self.prior = [dict(p) for p in state.get("prior") or [] if isinstance(p, dict)]
+        self.loaded_digests = {d for d in (state.get("weights_digest"), state.get("model_digest")) if isinstance(d, str)}
         self._limits.clear()
         self._eps_cache = None
         if self._rewind is not None:
             self.check_not_rewound(strict=False)
+
+    @property
+    def prior_steps(self) -> int:
+        """Steps of the runs this job continued from (composed before its own, see :meth:`compose_prior`)."""
+        return sum(int(p.get("steps", 0)) for p in self.prior)
+
+    def compose_prior(self, state: dict, source: str) -> None:
+        """Compose the accounting of the runs that produced the weights this job continues from before its own.
+
+        ``state`` is a :meth:`state_dict` saved with those weights (a bundle's ``model.pt``, a trainer checkpoint);
+        ``source`` says where it was found. ε from now on is that of both histories together: the weights carry
+        every earlier update. Gates that count this run's own steps (the ledger's reservation) keep counting them
+        only: the earlier runs were charged to the ledger when they ran.
+        """
+        self.check_not_rewound()
+        if not isinstance(state, dict) or not isinstance(state.get("accountant"), dict):
+            raise ValueError(error_message("privacy history", "a dict with an 'accountant' entry",
+                                           type(state).__name__, f"Found in {source}."))
+        if state.get("unit", "record") != self.unit:
+            raise DPConfigurationError(error_message(
+                "privacy history unit", f"{self.unit!r} like this trainer", state.get("unit"),
+                f"The weights' earlier training ({source}) protected another unit; its ε does not bound this "
+                f"one. Continue at privacy_unit={state.get('unit')!r}."))
+        probe = create_accountant(self.accountant.name)
+        probe.load_state_dict(dict(state["accountant"], accountant=self.accountant.name))  # validates the entries
+        own = self.accountant.state_dict()
+        self.accountant.load_state_dict(dict(own, history=probe.state_dict()["history"] + own["history"]))
+        for gate in self.gates:
+            if hasattr(gate, "first_step"):
+                gate.first_step += probe.steps
+        self.prior = [*[dict(p) for p in state.get("prior") or [] if isinstance(p, dict)], *self.prior,
+                      {"source": str(source), "steps": probe.steps, "model_digest": state.get("model_digest"),
+                       "dataset_id": state.get("dataset_id"), "delta": state.get("delta")}]
+        if state.get("noise_seed") is not None or state.get("sampling_seed") is not None:
+            logger.warning("The weights' earlier training (%s) used a fixed seed: its noise or sampling is "
+                           "reproducible by whoever knows the seed.", source)
+            for key in ("noise_seed", "sampling_seed"):
+                if getattr(self, key) is None and state.get(key) is not None:
+                    setattr(self, key, int(state[key]))
+        if state.get("sampling", "poisson") != "poisson":
+            self.sampling = str(state["sampling"])
+        self._limits.clear()
+        self._eps_cache = None
 
     def check_not_rewound(self, strict: bool = True) -> None:
         """Raise if an older history was loaded while the weights are not that checkpoint's (see load)."""
