@@ -27,6 +27,7 @@ from monai_dp.data.units import resolve_patient_ids
 from monai_dp.engines.builder import DPOptions, build_dp_setup, rebuild_training_loader
 from monai_dp.engines.checks import check_finite
 from monai_dp.engines.digest import weights_digest
+from monai_dp.engines.empty_step import EmptyStepOutput
 from monai_dp.engines.history import INITIAL_WEIGHTS, check_initial_weights, register_network
 from monai_dp.engines.optimizer import (
     PrivateNoiseDistributedDPOptimizer,
@@ -477,12 +478,14 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if self.optimizer._is_last_step_skipped:  # pragma: no cover - guards an Opacus behaviour change
             raise RuntimeError("DPOptimizer skipped the noisy step; the accounting would not match the updates.")
 
-    def _noise_only_step(self) -> dict:
-        """An empty Poisson batch: the analysis assumes the noisy step still happens, so take it."""
+    def _noise_only_step(self) -> EmptyStepOutput:
+        """An empty Poisson batch: the analysis assumes the noisy step still happens, so take it. The output holds
+        no item and no loss (:class:`~monai_dp.engines.empty_step.EmptyStepOutput`): metrics count nothing for the
+        step, MONAI's loggers log nothing, and no ``IterationEvents`` fire (no forward pass, nothing to decollate
+        or post-process)."""
         for _, p in self.dp_network_params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        nan = torch.tensor(float("nan"), device=self.state.device)
-        self.state.output = {Keys.LOSS: nan}
+        self.state.output = EmptyStepOutput()
         self._noisy_step()
         self.logger.debug("Empty Poisson batch: took a noise-only step.")
         return self.state.output
