@@ -3,6 +3,7 @@
     monai-dp demo   [options]   a DP training run on synthetic images (:mod:`monai_dp.cli.demo`)
     monai-dp ledger COMMAND     the persistent privacy ledger (:mod:`monai_dp.cli.ledger`)
     monai-dp audit  [options]   membership-inference audit of a recipe (:mod:`monai_dp.cli.audit`)
+    monai-dp bundle COMMAND     list or export the shipped bundles and configs (:mod:`monai_dp.cli.bundle`)
 
 Each command's module is imported only when it is run: ``monai-dp ledger`` loads neither the audit nor the demo.
 """
@@ -14,8 +15,9 @@ import sys
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS = {"demo": "monai_dp.cli.demo", "ledger": "monai_dp.cli.ledger", "audit": "monai_dp.cli.audit"}
-USAGE = "usage: monai-dp {demo,ledger,audit} [options]   (monai-dp COMMAND --help for its options)"
+COMMANDS = {"demo": "monai_dp.cli.demo", "ledger": "monai_dp.cli.ledger", "audit": "monai_dp.cli.audit",
+            "bundle": "monai_dp.cli.bundle"}
+USAGE = "usage: monai-dp {demo,ledger,audit,bundle} [options]   (monai-dp COMMAND --help for its options)"
 
 
 def main(argv: list[str] | None = None) -> int:

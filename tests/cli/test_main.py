@@ -35,13 +35,13 @@ def test_each_command_is_dispatched_with_the_rest_of_the_arguments(command, monk
 def test_help_lists_the_commands_and_succeeds(capsys):
     assert main(["--help"]) == 0 and main(["-h"]) == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("demo", "ledger", "audit"))
+    assert all(command in out for command in ("demo", "ledger", "audit", "bundle"))
 
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"]])
 def test_no_or_unknown_command_is_a_usage_error(argv, capsys):
     assert main(argv) == 2
-    assert "usage: monai-dp {demo,ledger,audit}" in capsys.readouterr().err
+    assert "usage: monai-dp {demo,ledger,audit,bundle}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["demo", "audit"])
