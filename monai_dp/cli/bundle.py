@@ -6,8 +6,9 @@
 ``export`` copies bundle NAME (``configs/``, ``docs/``, ``LICENSE``) to ``DIR/NAME``, ready for
 ``python -m monai.bundle run --bundle_root DIR/NAME ...``; for a shared config piece (``configs/NAME.json``, e.g.
 ``dp_trainer`` to merge into a model-zoo bundle, or ``metadata_schema``, the schema that
-``python -m monai.bundle verify_metadata --filepath`` needs offline) it writes ``DIR/NAME.json``. Nothing is overwritten unless ``--force`` is given; with it,
-the shipped files replace their copies and every other file in the destination is kept.
+``python -m monai.bundle verify_metadata --filepath`` needs offline) it writes ``DIR/NAME.json``. Nothing is
+overwritten unless ``--force`` is given; with it, the shipped files replace their copies and every other file in
+the destination is kept.
 
 The files come from ``monai_dp/_data`` in an installed wheel, or from the repository (``bundles/``, ``configs/``)
 in a source checkout or an editable install. Exit codes: 0 success, 2 error (message on stderr).
