@@ -1,0 +1,113 @@
+"""The privacy budget of the app: one ledger, one budget for the studies it trains on, shared by its models.
+
+Every model this app trains learns from the same annotations (the studies' final labels), so every training run
+of every model is charged to one budget in one privacy ledger (``--conf ledger``, default
+``<model_dir>/privacy_ledger.db``) under one dataset id (``--conf dataset_id``, default ``monailabel-studies``).
+The id stays the same while annotations are added: a fingerprint of the labelled records would change with each
+new label and hand out a fresh budget for records that were already trained on. The budget (``--conf
+target_epsilon``, ``--conf target_delta``, ``--conf privacy_unit``) is registered on the first start and never
+changes afterwards (the ledger refuses a different one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+from monai_dp.privacy.ledger import PrivacyLedger
+from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+from monai_dp.utils.validation import error_message
+
+__all__ = ["DEFAULT_DATASET_ID", "PrivacySettings", "check_budget_left", "model_status", "privacy_settings",
+           "register_budget", "run_note"]
+
+DEFAULT_DATASET_ID = "monailabel-studies"
+DEFAULT_DELTA = 1e-5
+RUN_NOTE = "monailabel model={model} records={records} n={n}"
+
+
+class PrivacySettings(NamedTuple):
+    ledger: str
+    dataset_id: str
+    target_epsilon: float
+    target_delta: float
+    unit: str
+
+
+def _number(conf: dict, key: str, default: float) -> float:
+    raw = conf.get(key, default)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(error_message(key, "a positive finite number", raw, f"Pass e.g. `--conf {key} {default}`."))
+    return value
+
+
+def privacy_settings(conf: dict, model_dir: str, default_epsilon: float) -> PrivacySettings:
+    """The budget from the app's ``--conf`` values (``default_epsilon``: the bundle's ``target_epsilon``)."""
+    unit = conf.get("privacy_unit", "record")
+    if unit != "record":
+        raise ValueError(error_message(
+            "privacy_unit", "'record' in this app", unit,
+            "MONAI Label hands the trainer {image, label} records without patient ids; one image per patient "
+            "makes record-level DP patient-level."))
+    delta = _number(conf, "target_delta", DEFAULT_DELTA)
+    if not delta < 1:
+        raise ValueError(error_message("target_delta", "in (0, 1)", delta))
+    ledger = os.path.realpath(os.path.expanduser(conf.get("ledger") or os.path.join(model_dir, "privacy_ledger.db")))
+    return PrivacySettings(ledger, conf.get("dataset_id") or DEFAULT_DATASET_ID,
+                           _number(conf, "target_epsilon", default_epsilon), delta, unit)
+
+
+def register_budget(settings: PrivacySettings) -> None:
+    """Create the ledger and register the budget on first use; a different recorded budget raises."""
+    os.makedirs(os.path.dirname(settings.ledger), exist_ok=True)
+    with PrivacyLedger(settings.ledger) as ledger:
+        ledger.init_dataset(settings.dataset_id, settings.target_epsilon, settings.target_delta, settings.unit,
+                            description="MONAI Label studies (final labels), all models of the app")
+
+
+def run_note(model: str, records: str, n: int) -> str:
+    """The note stored with a ledger run: which model trained, on which records (their fingerprint) and how many."""
+    return RUN_NOTE.format(model=model, records=records, n=n)
+
+
+def _run_view(run: dict) -> dict:
+    keys = ("run_id", "status", "note", "steps_taken", "charged_steps", "noise_multiplier", "sample_rate",
+            "max_grad_norm", "sampling", "started_at", "ended_at")
+    return {k: run.get(k) for k in keys}
+
+
+def model_status(settings: PrivacySettings, model: str) -> dict:
+    """What ``/info`` shows for ``model``: the shared budget, what is spent and left, and the ledger's runs."""
+    with PrivacyLedger(settings.ledger, create=False, read_only=True) as ledger:
+        summary = ledger.summary(settings.dataset_id)[0]
+    spent, budget = summary["committed_epsilon"], summary["budget_epsilon"]
+    runs = [_run_view(r) for r in summary["runs"]]
+    prefix = run_note(model, "", 0).split(" records=")[0] + " "
+    return {
+        "dataset_id": settings.dataset_id, "privacy_unit": summary["unit"], "delta": summary["budget_delta"],
+        "epsilon_budget": budget, "epsilon_spent": spent, "epsilon_left": max(budget - spent, 0.0),
+        "exhausted": not spent < budget, "ledger": settings.ledger,
+        "model_runs": [r for r in runs if str(r["note"]).startswith(prefix)], "runs": runs,
+        "accounting": "PLD composition of every run of every model of this app on the studies' labels, at delta",
+    }
+
+
+def check_budget_left(settings: PrivacySettings) -> dict:
+    """Raise :class:`PrivacyBudgetExhaustedError` when nothing of the budget is left; the ledger summary else."""
+    with PrivacyLedger(settings.ledger, create=False) as ledger:
+        ledger.recover(settings.dataset_id)
+        summary = ledger.summary(settings.dataset_id)[0]
+    spent, budget = summary["committed_epsilon"], summary["budget_epsilon"]
+    if not spent < budget:
+        raise PrivacyBudgetExhaustedError(
+            f"Privacy budget exhausted: the annotations of dataset {settings.dataset_id!r} have spent ε = {spent:.4g} "
+            f"of ε = {budget:g} (δ = {summary['budget_delta']:g}, {summary['unit']} level) over "
+            f"{len(summary['runs'])} runs; training is refused and the model is left unchanged. "
+            "These annotations cannot be trained on again; images of other patients in another studies folder "
+            "can have a budget of their own (`--conf dataset_id`).")
+    return summary

@@ -1,0 +1,100 @@
+"""MONAI Label's ``BundleTrainTask`` for a DP bundle: the annotations are trained on, and every run is charged.
+
+``BundleTrainTask`` already hands the bundle the datastore's final labels (``train#dataset#data``), the device,
+``max_epochs`` and a ``CheckpointLoader`` of ``models/model.pt`` (a retrain continues from the served weights).
+It injects no ``amp`` and no ``GradScaler``: the bundle's ``DPSupervisedTrainer`` runs as it does under
+``monai.bundle run`` (Poisson sampling, per-example clipping, bf16 or no autocast). This subclass adds what the
+privacy guarantee needs:
+
+- before anything runs, the app's ledger is asked; with the budget spent the request is refused
+  (:class:`~monai_dp.utils.errors.PrivacyBudgetExhaustedError`) and nothing is loaded, trained or written;
+- the bundle's whole ``datalist`` is replaced by MONAI Label's split, so the bundle generates no synthetic data
+  and everything it derives from its data (the sampling rate, δ checks, the records' fingerprint) is about the
+  annotations;
+- the run is charged to the app's one budget (``dataset_id``, ``ledger``, ``target_delta``) by a
+  ``PrivacyLedgerHandler`` whose note names the model and the fingerprint of the records trained on;
+- a request may set the bundle's training knobs (:data:`REQUEST_KEYS`) but never the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+from lib.privacy import PrivacySettings, check_budget_left, model_status, run_note
+from monai_dp.privacy.fingerprint import dataset_fingerprint_of_records
+from monai_dp.utils.validation import error_message
+
+__all__ = ["REQUEST_KEYS", "DPBundleTrainTask"]
+
+logger = logging.getLogger(__name__)
+
+# bundle ids a train request may override (the bundle's top-level DP and training knobs)
+REQUEST_KEYS = ("batch_size", "learning_rate", "max_grad_norm", "noise_multiplier", "target_epsilon",
+                "patch_size", "num_samples", "val_interval", "accountant")
+
+
+class DPBundleTrainTask(BundleTrainTask):
+    """Train the DP bundle at ``path`` as model ``model`` under the app's privacy budget ``privacy``."""
+
+    def __init__(self, path: str, conf: dict, model: str, privacy: PrivacySettings):
+        super().__init__(path, conf, load_strict=True)
+        self.model, self.privacy = model, privacy
+        self._request: dict = {}
+
+    def config(self) -> dict:
+        options = super().config()
+        options["max_epochs"] = self.bundle_config.get("max_epochs", options["max_epochs"])
+        for key in REQUEST_KEYS:
+            if key in self.bundle_config.config:
+                options[key] = self.bundle_config.config[key]
+        options["target_epsilon"] = min(self.privacy.target_epsilon, options.get("target_epsilon") or 1e300)
+        return options
+
+    def stats(self) -> dict:
+        return {"privacy": model_status(self.privacy, self.model)}
+
+    def __call__(self, request: dict, datastore: Any) -> dict:
+        check_budget_left(self.privacy)  # refused here: nothing is loaded, trained or written
+        self._request = dict(request)
+        try:
+            super().__call__(request, datastore)
+        finally:
+            self._request = {}
+        return self.stats()
+
+    def _fetch_datalist(self, request: dict, datastore: Any) -> list:
+        records = super()._fetch_datalist(request, datastore)
+        if not records:
+            raise ValueError(error_message(
+                "datastore", "holding images with a saved final label", "no final labels",
+                "Save labels first (`PUT /datastore/label?image=ID&tag=final`)."))
+        return records
+
+    def _update_overrides(self, overrides: dict) -> dict:
+        train = overrides[self.const.key_train_dataset_data()]
+        val = overrides.get(self.const.key_validate_dataset_data())
+        if not val:
+            raise ValueError(error_message(
+                "val_split", "a fraction that leaves at least one validation record", self._request.get("val_split"),
+                f"{len(train)} labelled records were found; label more images or raise `val_split`."))
+        overrides["datalist"] = {"training": train, "validation": val, "test": []}
+        for key in REQUEST_KEYS:
+            if self._request.get(key) is not None:
+                overrides[key] = self._request[key]
+        eps = overrides.get("target_epsilon", self.privacy.target_epsilon)
+        if not 0 < float(eps) <= self.privacy.target_epsilon:
+            raise ValueError(error_message("target_epsilon", f"in (0, {self.privacy.target_epsilon:g}] (the budget)",
+                                           eps, "A run's ε cannot exceed the app's budget."))
+        overrides.update({"target_epsilon": float(eps), "target_delta": self.privacy.target_delta,
+                          "privacy_unit": self.privacy.unit, "dataset_id": self.privacy.dataset_id,
+                          "ledger": None})
+        note = run_note(self.model, dataset_fingerprint_of_records(train), len(train))
+        handlers = overrides[self.const.key_train_handlers()]
+        handlers.append({"_target_": "monai_dp.handlers.PrivacyLedgerHandler", "ledger": self.privacy.ledger,
+                         "dataset_id": self.privacy.dataset_id, "note": note})
+        logger.info("DP training of %s: %s, charged to dataset %r in %s", self.model, note, self.privacy.dataset_id,
+                    self.privacy.ledger)
+        return overrides

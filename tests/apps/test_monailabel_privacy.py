@@ -1,0 +1,94 @@
+"""The MONAI Label app's privacy settings and budget status (apps/monailabel_dp/lib/privacy.py), without a server.
+
+The module imports only monai_dp, so these run without monailabel installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from monai_dp.privacy.ledger import PrivacyLedger
+from monai_dp.privacy.pld import compose_epsilon
+from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+
+_PATH = Path(__file__).resolve().parents[2] / "apps" / "monailabel_dp" / "lib" / "privacy.py"
+_spec = importlib.util.spec_from_file_location("monailabel_dp_privacy", _PATH)
+privacy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(privacy)
+
+SIGMA, Q, DELTA = 1.5, 0.5, 1e-5
+
+
+def _settings(tmp_path, **conf):
+    return privacy.privacy_settings(conf, str(tmp_path / "model"), default_epsilon=8.0)
+
+
+def _charge(settings, model: str, steps: int) -> None:
+    with PrivacyLedger(settings.ledger) as ledger:
+        run = ledger.begin_run(settings.dataset_id, SIGMA, Q, 1.0, steps,
+                               note=privacy.run_note(model, "sha256:0123456789abcdef", 4))
+        for _ in range(steps):
+            run.claim_step()
+        run.finish()
+
+
+def test_settings_defaults_and_conf(tmp_path):
+    s = _settings(tmp_path)
+    assert s == privacy.PrivacySettings(str((tmp_path / "model" / "privacy_ledger.db").resolve()),
+                                        "monailabel-studies", 8.0, 1e-5, "record")
+    s = _settings(tmp_path, target_epsilon="3", target_delta="1e-6", dataset_id="site-a", ledger=str(tmp_path / "l.db"))
+    assert (s.target_epsilon, s.target_delta, s.dataset_id, s.ledger) == (3.0, 1e-6, "site-a", str(tmp_path / "l.db"))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("target_epsilon", "abc", r"`target_epsilon` must be a positive finite number, got 'abc'"),
+    ("target_epsilon", "nan", r"`target_epsilon` must be a positive finite number, got 'nan'"),
+    ("target_epsilon", "-1", r"`target_epsilon` must be a positive finite number, got '-1'"),
+    ("target_delta", "1.5", r"`target_delta` must be in \(0, 1\), got 1.5"),
+    ("privacy_unit", "patient", r"`privacy_unit` must be 'record' in this app, got 'patient'"),
+])
+def test_settings_refuse_bad_values(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        _settings(tmp_path, **{key: value})
+
+
+def test_budget_registered_once_and_fixed(tmp_path):
+    s = _settings(tmp_path, target_epsilon="4")
+    privacy.register_budget(s)
+    privacy.register_budget(s)  # the next start: same budget, nothing changes
+    with pytest.raises(ValueError, match="A recorded budget cannot be changed"):
+        privacy.register_budget(_settings(tmp_path, target_epsilon="5"))
+
+
+def test_status_composes_all_runs_and_lists_the_model_runs(tmp_path):
+    s = _settings(tmp_path, target_epsilon="4")
+    privacy.register_budget(s)
+    fresh = privacy.model_status(s, "seg")
+    assert (fresh["epsilon_spent"], fresh["epsilon_left"], fresh["runs"], fresh["exhausted"]) == (0.0, 4.0, [], False)
+    assert (fresh["delta"], fresh["privacy_unit"], fresh["dataset_id"]) == (DELTA, "record", "monailabel-studies")
+    _charge(s, "seg", 2)
+    _charge(s, "cls", 1)  # another model trained on the same annotations spends the same budget
+    status = privacy.model_status(s, "seg")
+    spent = compose_epsilon([(SIGMA, Q, 3)], DELTA)
+    assert status["epsilon_spent"] == pytest.approx(spent, rel=1e-9)
+    assert status["epsilon_left"] == pytest.approx(4.0 - spent, rel=1e-9)
+    assert [r["steps_taken"] for r in status["runs"]] == [2, 1]
+    assert [r["steps_taken"] for r in status["model_runs"]] == [2]
+    assert [r["status"] for r in status["runs"]] == ["finished", "finished"]
+
+
+def test_spent_budget_is_refused_with_a_clear_message(tmp_path):
+    exact = compose_epsilon([(SIGMA, Q, 2)], DELTA)
+    s = _settings(tmp_path, target_epsilon=repr(exact))
+    privacy.register_budget(s)
+    assert privacy.check_budget_left(s)["runs"] == []
+    _charge(s, "seg", 2)
+    assert math.isclose(privacy.model_status(s, "seg")["epsilon_left"], 0.0, abs_tol=1e-12)
+    assert privacy.model_status(s, "seg")["exhausted"]
+    with pytest.raises(PrivacyBudgetExhaustedError, match=r"Privacy budget exhausted: the annotations of dataset "
+                       r"'monailabel-studies' have spent ε = .* over 1 runs; training is refused"):
+        privacy.check_budget_left(s)
