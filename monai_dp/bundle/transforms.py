@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
+from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Spacingd
 
-__all__ = ["LoadRecordd"]
+__all__ = ["LoadRecordd", "TolerantSpacingd"]
 
 
 def _is_dicom(path: str) -> bool:
@@ -46,4 +46,23 @@ class LoadRecordd(MapTransform):
                 d[key] = self._channel_first(img)
             elif isinstance(value, (np.ndarray, torch.Tensor)):
                 d[key] = MetaTensor(torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value))
+        return d
+
+
+class TolerantSpacingd(Spacingd):
+    """MONAI's ``Spacingd`` that leaves non-dict ``<key>_*`` entries of the data alone.
+
+    After resampling a NIfTI image, MONAI's ``Spacingd`` calls ``.update(meta)`` on every entry whose name
+    starts with ``"<key>_"`` (the old ``image_meta_dict`` convention). MONAI Label puts the request's file path
+    into the data as the string ``image_path``, which has no ``update``: inference crashes. This subclass
+    sets such entries (anything that is not a dict) aside during the call and puts them back unchanged.
+    Everything else, inversion included, is ``Spacingd``'s.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        prefixes = tuple(f"{k}_" for k in self.keys if isinstance(k, str))
+        aside = {k: v for k, v in data.items()
+                 if isinstance(k, str) and k.startswith(prefixes) and not isinstance(v, dict)}
+        d = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
+        d.update(aside)
         return d

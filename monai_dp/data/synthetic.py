@@ -16,7 +16,7 @@ __all__ = ["make_synthetic_dataset"]
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: int, num_items: int = 40,
                            size: int | None = None, num_classes: int = 2, seed: int = 0,
-                           patients: bool = True) -> str:
+                           patients: bool = True, refresh: bool = False) -> str:
     """Write NIfTI images (and masks) and a decathlon-style ``dataset.json`` into ``out_dir``; return ``out_dir``.
 
     Classification: class ``c > 0`` images hold a bright ball whose radius grows with ``c``; class 0 only noise.
@@ -24,8 +24,10 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
     (``patient_id``) when ``patients``. About 10 % of the patients (at least one) form the ``"test"`` list, so no
     patient is both in ``"training"`` and ``"test"``.
 
-    Generated once: if ``out_dir/dataset.json`` exists nothing is written. The files are written to a temporary
-    folder that is renamed into place, so concurrent processes (``torchrun``) never read a half-written set.
+    Generated once: if ``out_dir/dataset.json`` exists nothing is written, unless ``refresh`` is set and the set
+    there was made with other arguments (its ``dataset.json`` records them under ``"synthetic"``): then it is
+    replaced. The files are written to a temporary folder that is renamed into place, so concurrent processes
+    (``torchrun``) never read a half-written set.
 
     Args:
         out_dir: a new or empty folder (or one holding a ``dataset.json``: then nothing is done).
@@ -36,6 +38,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
         num_classes: classes of the classification labels (segmentation masks are binary), at least 2.
         seed: seed of the generated images.
         patients: give every two consecutive records the same ``patient_id``.
+        refresh: replace a set made with other arguments (a bundle's ``--synthetic_items`` changed) instead of
+            reusing it. A ``dataset.json`` that this function did not write is never replaced.
     """
     task = check_choice("task", task, ("classification", "segmentation"))
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
@@ -48,23 +52,68 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
     if not check_positive_int("num_classes", num_classes) >= 2:
         raise ValueError(error_message("num_classes", "an int >= 2", num_classes))
     out_dir = os.fspath(out_dir)
+    arguments = {"task": task, "spatial_dims": spatial_dims, "num_items": num_items, "size": size,
+                 "num_classes": num_classes, "seed": seed, "patients": bool(patients)}
     if os.path.exists(os.path.join(out_dir, "dataset.json")):
-        return out_dir
+        if not refresh or _made_with(out_dir) == arguments:
+            return out_dir
+        return _replace(out_dir, arguments)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(error_message("out_dir", "a new or empty folder, or one with a dataset.json", out_dir,
                                        "Choose another folder for the synthetic data set."))
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic-")
+    tmp = _generate(out_dir, arguments)
     try:
-        records = _write(tmp, task, spatial_dims, num_items, size, num_classes, seed, patients)
-        training, test = _hold_out_test(records)
-        with open(os.path.join(tmp, "dataset.json"), "w") as f:
-            json.dump({"name": f"synthetic {spatial_dims}D {task}", "training": training, "test": test}, f, indent=1)
         _move_into_place(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+    return out_dir
+
+
+def _generate(out_dir: str, arguments: dict) -> str:
+    """Write the set into a new temporary folder beside ``out_dir``; return that folder."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic-")
+    try:
+        a = arguments
+        records = _write(tmp, a["task"], a["spatial_dims"], a["num_items"], a["size"], a["num_classes"], a["seed"],
+                         a["patients"])
+        training, test = _hold_out_test(records)
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump({"name": f"synthetic {a['spatial_dims']}D {a['task']}", "synthetic": arguments,
+                       "training": training, "test": test}, f, indent=1)
+    except BaseException:
+        shutil.rmtree(tmp)
+        raise
+    return tmp
+
+
+def _made_with(out_dir: str) -> dict | None:
+    """The arguments recorded in ``out_dir/dataset.json`` (``None`` for a data set this module did not write)."""
+    with open(os.path.join(out_dir, "dataset.json")) as f:
+        made = json.load(f).get("synthetic")
+    return made if isinstance(made, dict) else None
+
+
+def _replace(out_dir: str, arguments: dict) -> str:
+    """Swap a synthetic set made with other arguments for a new one."""
+    if _made_with(out_dir) is None:
+        raise ValueError(error_message("out_dir", "a folder of a synthetic data set (its dataset.json records the "
+                                       "arguments under 'synthetic')", out_dir,
+                                       "Choose another folder for the synthetic data set."))
+    tmp = _generate(out_dir, arguments)
+    aside = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".synthetic-old-")
+    try:
+        os.rename(out_dir, os.path.join(aside, "old"))
+        os.rename(tmp, out_dir)
+    except OSError:  # another process replaced it first
+        if _made_with(out_dir) != arguments:
+            raise
+    finally:
+        for folder in (tmp, aside):
+            if os.path.exists(folder):
+                shutil.rmtree(folder)
     return out_dir
 
 

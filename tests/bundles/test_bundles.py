@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,8 +34,28 @@ def test_bundles_are_discovered_and_each_has_tiny_overrides():
 
 def _copy(name: str, tmp_path: Path) -> Path:
     root = tmp_path / name
-    shutil.copytree(REPO / "bundles" / name, root)
+    shutil.copytree(REPO / "bundles" / name, root, ignore=shutil.ignore_patterns("models", "eval"))
     return root
+
+
+def _files_outside_outputs(root: Path) -> dict[str, str]:
+    """Every file of a bundle folder outside ``models/`` and ``eval/``, with a hash of its content."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] not in ("models", "eval")}
+
+
+def _parsed(root: Path, files: list[str], config_id: str, **override):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / f) for f in files])
+    parser.update({"bundle_root": str(root), **override})
+    return parser.get_parsed_content(config_id)
+
+
+def _input_shape(name: str) -> tuple[int, ...]:
+    tiny = TINY[name]
+    return (2, 1, *tiny["image_size"]) if "classification" in name else (1, 1, *tiny["patch_size"])
 
 
 def _run(root: Path, files: list[str], **override):
@@ -75,15 +96,16 @@ def test_train_evaluate_infer(name, tmp_path):
     from monai.bundle import verify_metadata
 
     root = _copy(name, tmp_path)
+    source_files = _files_outside_outputs(root)
     initial = tmp_path / "initial_weights.pt"
     init_steps = json.loads((root / "configs" / "train.json").read_text())["initialize"]
     save_initial = f"$torch.save({{k: v.clone() for k, v in @network.state_dict().items()}}, {str(initial)!r})"
     _run(root, ["train.json"], max_epochs=1, target_epsilon=5.0, initialize=[*init_steps, save_initial], **TINY[name])
     report = json.loads((root / "models" / "privacy_report.json").read_text())
     assert 0 < report["epsilon"] <= 5.0 and report["steps"] > 0 and report["unit"] == "record"
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    meta = json.loads((root / "models" / "metadata.json").read_text())  # the model's metadata, beside it
     assert meta["privacy"]["epsilon"] == report["epsilon"]
-    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    verify_metadata(meta_file=str(root / "models" / "metadata.json"), filepath=str(SCHEMA))
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", weights_only=True)
     history = ckpt["trainer"]["privacy"]["accountant"]["history"]
     assert sum(int(n) for *_, n in history) == report["steps"], "the checkpoint's accounting is the reported one"
@@ -108,6 +130,45 @@ def test_train_evaluate_infer(name, tmp_path):
         assert rows and all(abs(sum(float(x) for x in r[1:]) - 1) < 1e-4 for r in rows)
     else:
         assert list((root / "eval").glob("*_seg.nii.gz"))
+
+    # every config's `network_def` is the trained network: the weights load strictly (MONAI Label, ckpt_export)
+    for files in (["inference.json"], ["train.json", "evaluate.json"]):
+        net = _parsed(root, files, "network_def", **tiny_infer)
+        net.load_state_dict(trained, strict=True)
+    _check_ckpt_export(name, root, tmp_path, trained, tiny_infer)
+    # inference on a folder of images (no dataset.json), as model-zoo inference configs glob one
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in sorted((root / "models" / "synthetic_data").glob("img*.nii.gz"))[:2]:
+        shutil.copy(f, images / f.name)
+    _run(root, ["inference.json"], dataset_dir=str(images), output_dir=str(tmp_path / "from_folder"), **tiny_infer)
+    if "classification" in name:
+        assert len(list(csv.reader(open(tmp_path / "from_folder" / "predictions.csv")))) == 2
+    else:
+        assert len(list((tmp_path / "from_folder").glob("*_seg.nii.gz"))) == 2
+        # MONAI Label's request: the path also under `image_path` (MONAI's Spacingd calls .update() on it)
+        image = str(images / sorted(p.name for p in images.iterdir())[0])
+        _run(root, ["inference.json"], datalist=[{"image": image, "image_path": image}],
+             output_dir=str(tmp_path / "from_request"), **tiny_infer)
+        assert len(list((tmp_path / "from_request").glob("*_seg.nii.gz"))) == 1
+    # the run wrote under models/ and eval/ only: configs, docs and every other file are as copied
+    assert _files_outside_outputs(root) == source_files
+
+
+def _check_ckpt_export(name: str, root: Path, tmp_path: Path, trained: dict, override: dict) -> None:
+    """``monai.bundle ckpt_export`` of ``inference.json``'s network: TorchScript that computes the trained model."""
+    from monai.bundle import ckpt_export
+
+    ts_file = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(root / "models" / "model.pt"),
+                meta_file=str(root / "configs" / "metadata.json"), config_file=str(root / "configs" / "inference.json"),
+                bundle_root=str(root), **override)
+    exported = torch.jit.load(str(ts_file)).eval()
+    net = _parsed(root, ["inference.json"], "network_def", **override)
+    net.load_state_dict(trained, strict=True)
+    x = torch.rand(_input_shape(name), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net.eval()(x))
 
 
 @pytest.mark.bundle
@@ -157,11 +218,15 @@ def test_multi_gpu_config_runs_under_torchrun_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
            "--config_file", f"['{root}/configs/train.json','{root}/configs/multi_gpu_train.json']",
            "--bundle_root", str(root), "--dataset_dir", str(data), "--max_epochs", "1", "--patch_size", "[32,32]",
-           "--batch_size", "4"]
+           "--batch_size", "4", "--logging_file", f"{root}/configs/logging.conf"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((root / "models" / "privacy_report.json").read_text())
     assert report["steps"] == int(1 / report["sample_rate"]) and report["epsilon"] > 0
+    # rank 0 alone logs (ε, the validation metric) and writes; rank 1 trains and validates its shard
+    logs = proc.stdout + proc.stderr
+    assert logs.count("Metrics -- epsilon") == 1 and logs.count("Metrics -- val_mean_dice") == 1, logs[-3000:]
+    assert json.loads((root / "models" / "metadata.json").read_text())["privacy"]["epsilon"] == report["epsilon"]
 
 
 @pytest.mark.bundle
@@ -173,7 +238,7 @@ def test_patient_level_from_the_command_line(name, tmp_path):
     tiny = dict(TINY[name], batch_size=max(2, TINY[name]["batch_size"] // 2))
     _run(root, ["train.json"], max_epochs=1, target_epsilon=5.0, privacy_unit="patient", **tiny)
     report = json.loads((root / "models" / "privacy_report.json").read_text())
-    datalist = json.loads((root / "data" / "synthetic" / "dataset.json").read_text())
+    datalist = json.loads((root / "models" / "synthetic_data" / "dataset.json").read_text())
     assert report["unit"] == "patient" and report["patient_level"] is None
     assert report["patients"]["max"] == 2
     assert report["num_units"] == report["patients"]["num_patients"] < len(datalist["training"])
