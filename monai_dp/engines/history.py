@@ -27,7 +27,7 @@ from monai_dp.engines.digest import state_dict_digest, weights_digest
 from monai_dp.utils.errors import DPConfigurationError
 from monai_dp.utils.validation import error_message
 
-__all__ = ["INITIAL_WEIGHTS", "PrivacyHistory", "find_history", "history_sources"]
+__all__ = ["INITIAL_WEIGHTS", "InitialWeightsCheck", "PrivacyHistory", "find_history", "history_sources"]
 
 logger = logging.getLogger("monai_dp.engines.trainer")
 
@@ -72,7 +72,7 @@ class PrivacyHistory:
         if not isinstance(state, dict) or "accountant" not in state:
             raise ValueError(error_message("privacy history", "a dict with an 'accountant' entry",
                                            type(state).__name__))
-        _trainer_of(self.network)._history_candidates.append((dict(state), "a loaded PrivacyHistory"))
+        _trainer_of(self.network).initial_weights_check.loaded.append((dict(state), "a loaded PrivacyHistory"))
 
 
 def history_sources(privacy_history: Any) -> list[str]:
@@ -136,34 +136,51 @@ def find_history(digest: str, files: Sequence[str], loaded: Sequence[tuple[dict,
     return None
 
 
-def check_initial_weights(trainer: Any) -> None:
-    """Before the trainer's first step: weights changed since it was built must bring their privacy history.
+class InitialWeightsCheck:
+    """What a trainer knows of its starting weights, and the check before its first step (see the module).
 
-    Composes the history found (see the module's docstring) or raises :class:`DPConfigurationError`.
+    Args:
+        network: the trainer's network, whose weights are noted now.
+        initial_weights: ``"accounted"`` or ``"public"`` (see ``DPSupervisedTrainer``).
+        privacy_history: files or folders where the history of loaded weights is looked up.
     """
-    budget = trainer.privacy
-    current = weights_digest(trainer.network)
-    if current == trainer._initial_weights_digest or current in budget.loaded_digests:
-        return
-    if budget._digest is not None and budget._digest() in budget.loaded_digests:
-        return  # resumed with network and optimizer from the checkpoint that holds this accounting
-    if trainer.initial_weights == "public":
-        logger.warning("initial_weights='public': the weights loaded after the trainer was built (digest %s) are "
-                       "declared to carry no private training; ε counts this job's steps only.", current)
-        budget.prior.append({"source": "initial_weights='public'", "steps": 0, "model_digest": current})
-        return
-    files = history_sources(trainer.privacy_history)
-    found = find_history(current, files, trainer._history_candidates)
-    if found is None:
-        where = ", ".join(files) if files else "no privacy_history given"
-        raise DPConfigurationError(error_message(
-            "network", "the weights the trainer was built with, or weights whose privacy history is known",
-            f"weights loaded after construction (digest {current}) with no history found ({where})",
-            "A retrain continues their privacy: save the model with its accounting (save_dict "
-            "{'model': network, 'privacy': PrivacyHistory(network)}) and pass its file or folder as "
-            "`privacy_history`; or, for weights trained on no private data, pass initial_weights='public'."))
-    state, source = found
-    before = budget.get_epsilon()
-    budget.compose_prior(state, source)
-    logger.info("Privacy history: the weights continue %d earlier steps (%s); ε composes: %.4g -> %.4g at δ = %.3g.",
-                budget.prior_steps, source, before, budget.get_epsilon(), budget.delta)
+
+    def __init__(self, network: torch.nn.Module, initial_weights: str, privacy_history: Any) -> None:
+        self.initial_digest = weights_digest(network)
+        self.initial_weights, self.privacy_history = initial_weights, privacy_history
+        self.loaded: list[tuple[dict, str]] = []  # (privacy state, source) handed in by a loaded PrivacyHistory
+        self.done = False
+
+    def __call__(self, network: torch.nn.Module, optimizer: Any, budget: Any) -> None:
+        """Compose the history of weights changed since construction, or raise :class:`DPConfigurationError`."""
+        if self.done:
+            return
+        self._check(network, optimizer, budget)
+        self.done = True
+
+    def _check(self, network: torch.nn.Module, optimizer: Any, budget: Any) -> None:
+        current = weights_digest(network)
+        if current == self.initial_digest or current in budget.loaded_digests:
+            return
+        if weights_digest(network, optimizer) in budget.loaded_digests:
+            return  # resumed with network and optimizer from the checkpoint that holds this accounting
+        if self.initial_weights == "public":
+            logger.warning("initial_weights='public': the weights loaded after the trainer was built (digest %s) "
+                           "are declared to carry no private training; ε counts this job's steps only.", current)
+            budget.prior.append({"source": "initial_weights='public'", "steps": 0, "model_digest": current})
+            return
+        files = history_sources(self.privacy_history)
+        found = find_history(current, files, self.loaded)
+        if found is None:
+            where = ", ".join(files) if files else "no privacy_history given"
+            raise DPConfigurationError(error_message(
+                "network", "the weights the trainer was built with, or weights whose privacy history is known",
+                f"weights loaded after construction (digest {current}) with no history found ({where})",
+                "A retrain continues their privacy: save the model with its accounting (save_dict "
+                "{'model': network, 'privacy': PrivacyHistory(network)}) and pass its file or folder as "
+                "`privacy_history`; or, for weights trained on no private data, pass initial_weights='public'."))
+        state, source = found
+        before = budget.get_epsilon()
+        budget.compose_prior(state, source)
+        logger.info("Privacy history: the weights continue %d earlier steps (%s); ε composes: %.4g -> %.4g at "
+                    "δ = %.3g.", budget.prior_steps, source, before, budget.get_epsilon(), budget.delta)

@@ -28,7 +28,7 @@ from monai_dp.engines.builder import DPOptions, build_dp_setup, rebuild_training
 from monai_dp.engines.checks import check_finite
 from monai_dp.engines.digest import weights_digest
 from monai_dp.engines.empty_step import EmptyStepOutput
-from monai_dp.engines.history import INITIAL_WEIGHTS, check_initial_weights, register_network
+from monai_dp.engines.history import INITIAL_WEIGHTS, InitialWeightsCheck, register_network
 from monai_dp.engines.optimizer import (
     PrivateNoiseDistributedDPOptimizer,
     PrivateNoiseDPOptimizer,
@@ -200,9 +200,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self._amp_dtype, self.physical_batch_size, self.dp_network_params = (
             setup.amp_dtype, setup.physical_batch_size, setup.params)
         self.clipper, self.grad_sample_mode, self._pred_layout = setup.clipper, setup.clipper.mode, None
-        self.initial_weights = check_choice("initial_weights", initial_weights, INITIAL_WEIGHTS)
-        self.privacy_history, self.register_dataset = privacy_history, bool(register_dataset)
-        self._history_candidates: list = []  # (privacy state, source) handed in by a loaded PrivacyHistory
+        check_choice("initial_weights", initial_weights, INITIAL_WEIGHTS)
+        self.register_dataset = bool(register_dataset)
         super().__init__(
             device=device, max_epochs=max_epochs, train_data_loader=setup.loader, network=setup.network,
             optimizer=setup.optimizer, loss_function=loss_function, epoch_length=epoch_length,
@@ -218,7 +217,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
                           model_digest=lambda: weights_digest(self.network))
         for net in {id(network): network, id(self.network): self.network}.values():
             register_network(net, self)
-        self._initial_weights_digest, self._weights_checked = weights_digest(self.network), False
+        self.initial_weights_check = InitialWeightsCheck(self.network, initial_weights, privacy_history)
         if setup.optimizer.secure_mode:
             self.add_event_handler(Events.EPOCH_STARTED, self._reseed_sampler)
         self.logger.info(self.privacy.describe())
@@ -237,9 +236,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
 
     def _budget_gate(self, engine: Any) -> None:
         """``ITERATION_STARTED``: ask the budget; when it refuses the step, log why and stop gracefully."""
-        if not self._weights_checked:  # the first step: weights loaded since construction bring their history
-            check_initial_weights(self)
-            self._weights_checked = True
+        self.initial_weights_check(self.network, self.optimizer, self.privacy)  # first step: loaded weights' history
         verdict = self.privacy.next_step_verdict()
         if verdict.allowed:
             return

@@ -110,6 +110,10 @@ def report_markdown(report: dict) -> str:
         f"| budget exhausted | {report['budget_exhausted']} |",
         f"| dataset | {report.get('dataset_id')} |",
     ]
+    prior = [p for p in report.get("prior") or [] if p.get("steps")]
+    if prior:
+        lines.append(f"| continues from | {sum(p['steps'] for p in prior)} earlier steps behind the loaded weights "
+                     f"({', '.join(str(p['source']) for p in prior)}), composed into ε |")
     pats = report.get("patients")
     if pats:
         lines.append(f"| patients / records | {pats['num_patients']} / {pats['num_records']} (records per patient: "
@@ -171,9 +175,14 @@ class PrivacyReportHandler:
             engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        """Record what was spent before the failure, then re-raise (Ignite would swallow it otherwise)."""
+        """Record what was spent before the failure, then re-raise (Ignite would swallow it otherwise).
+
+        A run refused before any step was accounted (a spent ledger, weights with no known history) spent nothing
+        and changed no weights: the report of the model trained before it is left as it is.
+        """
         try:
-            self.write(engine)
+            if engine.privacy.steps > 0:
+                self.write(engine)
         finally:
             raise e
 
