@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 from monai_dp.data import dataset_length, loader_batch_size, make_poisson_loader
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader
@@ -101,6 +101,7 @@ class LoaderPlan:
             if not self.poisson:
                 raise DPConfigurationError(error_message("poisson_sampling", "True with several processes",
                                                          self.poisson))
+            loader = _without_distributed_sampler(loader, self.world)
             return make_distributed_poisson_loader(loader, sample_rate, self.rank, self.world, self.sampling_seed,
                                                    dataset=units), "poisson"
         if self.poisson:
@@ -115,6 +116,22 @@ class LoaderPlan:
             raise DPConfigurationError(error_message("poisson_sampling", "True with privacy_unit='patient'",
                                                      self.poisson))
         return rebuild_loader(loader, loader.batch_sampler), "loader"
+
+
+def _without_distributed_sampler(loader: Any, world: int) -> Any:
+    """``loader`` without the ``DistributedSampler`` a model-zoo ``multi_gpu_train.json`` gives it (logged).
+
+    Only a sampler over the loader's whole dataset, across this job's ``world`` processes, is dropped: the DP
+    trainer shards Poisson sampling over that same dataset itself. Any other sampler is left for
+    :func:`~monai_dp.data.poisson.check_loader_sampling` to refuse.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not (isinstance(sampler, DistributedSampler) and sampler.dataset is loader.dataset
+            and sampler.num_replicas == world):
+        return loader
+    logger.info("train_data_loader.sampler: DistributedSampler over the whole dataset dropped; each of the %d "
+                "processes Poisson-samples its share of that dataset instead.", world)
+    return rebuild_loader(loader, BatchSampler(SequentialSampler(loader.dataset), loader.batch_size, drop_last=False))
 
 
 @dataclass(frozen=True)
@@ -323,15 +340,27 @@ def unwrap_data_parallel(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+def _refresh_wrapper_buffers(wrapper: torch.nn.Module) -> None:
+    """After the wrapped module was converted in place, DDP's list of buffers to broadcast before a forward (taken
+    at construction: BatchNorm's running statistics) is stale, and its next forward (validation) fails inside
+    torch. DDP re-reads the module's buffers with this method (torch 2.x; a torch without it needs nothing)."""
+    while isinstance(wrapper, _DATA_PARALLEL):
+        reassign = getattr(wrapper, "_assign_modules_buffers", None)
+        if callable(reassign):
+            reassign()
+        wrapper = wrapper.module
+
+
 def prepare_network(network: torch.nn.Module, make_compatible: bool) -> torch.nn.Module:
     if not isinstance(network, torch.nn.Module):
         raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
-    network = unwrap_data_parallel(network)
+    wrapper, network = network, unwrap_data_parallel(network)
     if make_compatible:
         network, report = make_private_compatible(network)
         if len(report):
             logger.info("%s", report.summary())
             logger.debug("%s", report)
+            _refresh_wrapper_buffers(wrapper)
         return network
     offenders = find_incompatible_modules(network)
     if offenders:
