@@ -12,6 +12,7 @@ from torch import nn
 from monai_dp.engines import DPSupervisedTrainer
 from monai_dp.engines.history import PrivacyHistory
 from monai_dp.handlers import PrivacyReportHandler
+from monai_dp.handlers.privacy_report_handler import report_markdown
 from monai_dp.privacy.accountants import create_accountant
 from monai_dp.utils.errors import DPConfigurationError
 from tests.conftest import TinyClassifier, make_classification_data
@@ -96,6 +97,7 @@ def test_retrain_from_a_dp_model_file_composes(tmp_path):
     assert eps == pytest.approx(pld.get_epsilon(DELTA), rel=0.03)
     assert report.last_report["epsilon"] == eps and report.last_report["steps"] == 10
     assert report.last_report["prior"][0]["steps"] == 5
+    assert "| continues from | 5 earlier steps behind the loaded weights" in report_markdown(report.last_report)
 
 
 def test_a_third_run_composes_all_three(tmp_path):
@@ -127,11 +129,13 @@ def test_loaded_weights_without_a_history_are_refused(tmp_path):
     first = _trainer()
     first.run()
     _save_model(first, tmp_path / "model.pt", privacy=False)  # a plain state dict in a dict: no accounting
-    second = _retrain(tmp_path / "model.pt", privacy_history=str(tmp_path))
+    report = PrivacyReportHandler(str(tmp_path / "report.json"))
+    second = _retrain(tmp_path / "model.pt", privacy_history=str(tmp_path), handlers=[report])
     with pytest.raises(DPConfigurationError, match=r"`network` must be the weights the trainer was built with.*"
                                                    r"no history found.*initial_weights='public'"):
         second.run()
     assert second.dp_steps == 0, "refused before its first step"
+    assert not (tmp_path / "report.json").exists(), "a refused run does not replace the model's report"
 
 
 def test_a_history_of_other_weights_is_not_taken(tmp_path):
