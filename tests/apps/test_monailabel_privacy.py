@@ -92,3 +92,34 @@ def test_spent_budget_is_refused_with_a_clear_message(tmp_path):
     with pytest.raises(PrivacyBudgetExhaustedError, match=r"Privacy budget exhausted: the annotations of dataset "
                        r"'monailabel-studies' have spent ε = .* over 1 runs; training is refused"):
         privacy.check_budget_left(s)
+
+
+def test_a_step_that_does_not_fit_what_is_left_is_refused(tmp_path):
+    four, five = (compose_epsilon([(SIGMA, Q, k)], DELTA) for k in (4, 5))
+    s = _settings(tmp_path, target_epsilon=repr((four + five) / 2))
+    privacy.register_budget(s)
+    privacy.check_step_fits(s, SIGMA, Q)
+    _charge(s, "seg", 4)
+    privacy.check_budget_left(s)  # something is left ...
+    with pytest.raises(PrivacyBudgetExhaustedError, match="Not a single step of the requested run"):
+        privacy.check_step_fits(s, SIGMA, Q)  # ... but not one more step of this mechanism
+    privacy.check_step_fits(s, 50.0, Q)  # a much noisier run still fits
+
+
+def test_budget_refusal_is_found_behind_the_bundle_errors():
+    refusal = PrivacyBudgetExhaustedError("spent")
+    try:
+        try:
+            raise refusal
+        except PrivacyBudgetExhaustedError as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from inner
+    except RuntimeError as caused:
+        assert privacy.budget_refusal(caused) is refusal
+    try:
+        try:
+            raise refusal
+        except PrivacyBudgetExhaustedError:
+            raise ValueError("while handling it")
+    except ValueError as context:
+        assert privacy.budget_refusal(context) is refusal
+    assert privacy.budget_refusal(RuntimeError("unrelated")) is None

@@ -19,8 +19,8 @@ from monai_dp.privacy.ledger import PrivacyLedger
 from monai_dp.utils.errors import PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import error_message
 
-__all__ = ["DEFAULT_DATASET_ID", "PrivacySettings", "check_budget_left", "model_status", "privacy_settings",
-           "register_budget", "run_note"]
+__all__ = ["DEFAULT_DATASET_ID", "PrivacySettings", "budget_refusal", "check_budget_left", "check_step_fits",
+           "model_status", "privacy_settings", "register_budget", "run_note"]
 
 DEFAULT_DATASET_ID = "monailabel-studies"
 DEFAULT_DELTA = 1e-5
@@ -111,3 +111,23 @@ def check_budget_left(settings: PrivacySettings) -> dict:
             "These annotations cannot be trained on again; images of other patients in another studies folder "
             "can have a budget of their own (`--conf dataset_id`).")
     return summary
+
+
+def check_step_fits(settings: PrivacySettings, noise_multiplier: float, sample_rate: float) -> None:
+    """Raise :class:`PrivacyBudgetExhaustedError` (the ledger's message) if not one step of (σ, q) fits the budget.
+
+    A dry run of what the trainer's ledger handler asks before its first step; nothing is reserved.
+    """
+    with PrivacyLedger(settings.ledger, create=False) as ledger:
+        ledger.check_run(settings.dataset_id, noise_multiplier, sample_rate, 1, settings.unit)
+
+
+def budget_refusal(err: BaseException) -> PrivacyBudgetExhaustedError | None:
+    """The :class:`PrivacyBudgetExhaustedError` behind ``err`` (a bundle run wraps it in its own errors), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, PrivacyBudgetExhaustedError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

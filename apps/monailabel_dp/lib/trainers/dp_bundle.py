@@ -23,7 +23,14 @@ from typing import Any
 
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from lib.privacy import PrivacySettings, check_budget_left, model_status, run_note
+from lib.privacy import (
+    PrivacySettings,
+    budget_refusal,
+    check_budget_left,
+    check_step_fits,
+    model_status,
+    run_note,
+)
 from monai_dp.privacy.fingerprint import dataset_fingerprint_of_records
 from monai_dp.utils.validation import error_message
 
@@ -57,13 +64,33 @@ class DPBundleTrainTask(BundleTrainTask):
         return {"privacy": model_status(self.privacy, self.model)}
 
     def __call__(self, request: dict, datastore: Any) -> dict:
-        check_budget_left(self.privacy)  # refused here: nothing is loaded, trained or written
         self._request = dict(request)
         try:
+            self._check_budget(request, datastore)  # refused here: nothing is loaded, trained or written
             super().__call__(request, datastore)
+        except Exception as err:
+            refused = budget_refusal(err)
+            if refused is None or refused is err:
+                raise
+            raise refused from None  # the budget's own message, not the bundle's wrapping, ends the task's log
         finally:
             self._request = {}
         return self.stats()
+
+    def _check_budget(self, request: dict, datastore: Any) -> None:
+        """Refuse when the budget is spent, or when one step of the requested (σ, q) does not fit what is left."""
+        check_budget_left(self.privacy)
+        sigma = request.get("noise_multiplier", self.bundle_config.config.get("noise_multiplier"))
+        batch = request.get("batch_size") or self.bundle_config.config.get("batch_size")
+        if not (isinstance(sigma, (int, float)) and isinstance(batch, int)):
+            return  # σ calibrated from ε (or an expression): the trainer's ledger handler decides before its first step
+        train, _ = self._partition_datalist(self._fetch_datalist(request, datastore), request)
+        check_step_fits(self.privacy, float(sigma), min(1.0, batch / len(train)))
+
+    def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list) -> None:
+        """Continue from ``model.pt`` only when ``pretrained`` (monailabel 0.8.5 fails on ``os.path.exists(None)``)."""
+        if pretrained:
+            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
 
     def _fetch_datalist(self, request: dict, datastore: Any) -> list:
         records = super()._fetch_datalist(request, datastore)
