@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    SequentialSampler,
+)
 
 from monai_dp.data import dataset_length, loader_batch_size, make_poisson_loader
 from monai_dp.data.poisson import make_distributed_poisson_loader, rebuild_loader

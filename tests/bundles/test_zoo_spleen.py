@@ -184,10 +184,14 @@ def test_unmerged_network_def_does_not_load_dp_weights(trained):
 
 def test_dp_network_json_is_the_network_part_of_dp_trainer_json():
     """inference.json has no `train` section, so it takes dp_network.json; both must build the same network."""
+    from monai.bundle import ConfigParser
+
     network_part = json.loads(DP_NETWORK.read_text())
     trainer_part = json.loads(DP_TRAINER.read_text())
     assert network_part == {k: trainer_part[k] for k in network_part}
     assert "network" in network_part and not any(k.startswith("train") for k in network_part)
+    with pytest.raises(KeyError, match="query key: train"):  # why dp_network.json exists
+        ConfigParser().read_config([str(CONFIGS / "inference.json"), str(DP_TRAINER)])
 
 
 def _multi_gpu_worker(rank: int, world: int, port: int, root: str, data: str) -> None:

@@ -62,3 +62,26 @@ def test_batch_dice_loss_is_switched_by_the_trainer(caplog):
         trainer = _trainer(TinyClassifier(), loss)
     assert trainer.loss_function is loss and loss.dice.batch is False
     assert "loss_function.dice.batch: True -> False" in caplog.text
+
+
+def test_distributed_sampler_over_the_whole_dataset_is_dropped(caplog):
+    """multi_gpu_train.json gives the loader a DistributedSampler; the DP trainer shards Poisson sampling itself."""
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    from monai_dp.data.poisson import check_loader_sampling
+    from monai_dp.engines.builder import _without_distributed_sampler
+
+    data = make_classification_data(n=10)
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1))
+    with caplog.at_level(logging.INFO, logger="monai_dp.engines.trainer"):
+        plain = _without_distributed_sampler(loader, world=2)
+    assert type(plain.sampler) is SequentialSampler and len(plain.sampler) == 10
+    assert plain.batch_sampler.batch_size == 2 and not plain.batch_sampler.drop_last
+    assert "DistributedSampler over the whole dataset dropped" in caplog.text
+    check_loader_sampling(plain)
+    # not this job's sharding, or not over the loader's dataset: left in place, and refused
+    other = DataLoader(data, batch_size=2, sampler=DistributedSampler(data[:6], num_replicas=2, rank=0))
+    for kept in (_without_distributed_sampler(loader, world=3), _without_distributed_sampler(other, world=2)):
+        assert isinstance(kept.sampler, DistributedSampler)
+        with pytest.raises(ValueError, match=r"`train_data_loader.sampler` must be the loader's default"):
+            check_loader_sampling(kept)

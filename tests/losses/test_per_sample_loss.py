@@ -6,7 +6,12 @@ import logging
 
 import pytest
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, GeneralizedDiceFocalLoss
+from monai.losses import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    DiceLoss,
+    GeneralizedDiceFocalLoss,
+)
 from torch import nn
 
 from monai_dp.losses import check_per_sample_loss, make_per_sample_loss
