@@ -172,7 +172,8 @@ class InitialWeightsCheck:
         files = history_sources(self.privacy_history)
         found = find_history(current, files, self.loaded)
         if found is None:
-            where = ", ".join(files) if files else "no privacy_history given"
+            where = (f"looked in {', '.join(files)}" if files else "no privacy_history given"
+                     if self.privacy_history is None else f"no checkpoint at privacy_history={self.privacy_history!r}")
             raise DPConfigurationError(error_message(
                 "network", "the weights the trainer was built with, or weights whose privacy history is known",
                 f"weights loaded after construction (digest {current}) with no history found ({where})",

@@ -132,7 +132,7 @@ def test_loaded_weights_without_a_history_are_refused(tmp_path):
     report = PrivacyReportHandler(str(tmp_path / "report.json"))
     second = _retrain(tmp_path / "model.pt", privacy_history=str(tmp_path), handlers=[report])
     with pytest.raises(DPConfigurationError, match=r"`network` must be the weights the trainer was built with.*"
-                                                   r"no history found.*initial_weights='public'"):
+                                                   r"no history found \(looked in .*model\.pt\).*initial_weights='public'"):
         second.run()
     assert second.dp_steps == 0, "refused before its first step"
     assert not (tmp_path / "report.json").exists(), "a refused run does not replace the model's report"
