@@ -130,6 +130,8 @@ def test_train_evaluate_infer(name, tmp_path):
         assert rows and all(abs(sum(float(x) for x in r[1:]) - 1) < 1e-4 for r in rows)
     else:
         assert list((root / "eval").glob("*_seg.nii.gz"))
+    # train, evaluate and infer wrote under models/ and eval/ only: configs, docs and every other file are as copied
+    assert _files_outside_outputs(root) == source_files
 
     # every config's `network_def` is the trained network: the weights load strictly (MONAI Label, ckpt_export)
     for files in (["inference.json"], ["train.json", "evaluate.json"]):
@@ -151,7 +153,6 @@ def test_train_evaluate_infer(name, tmp_path):
         _run(root, ["inference.json"], datalist=[{"image": image, "image_path": image}],
              output_dir=str(tmp_path / "from_request"), **tiny_infer)
         assert len(list((tmp_path / "from_request").glob("*_seg.nii.gz"))) == 1
-    # the run wrote under models/ and eval/ only: configs, docs and every other file are as copied
     assert _files_outside_outputs(root) == source_files
 
 
