@@ -129,12 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config_file", nargs="+", default=None)
     parser.add_argument("--site_config", default=None, help="JSON: per-site budget, ledger, dataset id, overrides")
     parser.add_argument("--network_overrides", default=None, help="JSON: overrides of the server's network")
-    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--workspace", required=True, help="the simulator's workspace (or the exported job's parent)")
     parser.add_argument("--name", default="dp_fedavg")
+    parser.add_argument("--export_job", action="store_true",
+                        help="write the NVFlare job folder under --workspace instead of simulating (for PoC/real sites)")
     args = parser.parse_args(argv)
     overrides = json.loads(args.network_overrides) if args.network_overrides else None
     recipe = dp_fedavg_recipe(args.bundle_root, args.sites, args.num_rounds, args.local_epochs, args.config_file,
                               args.site_config, overrides, name=args.name, workdir=args.workspace)
+    if args.export_job:
+        recipe.export(os.path.abspath(args.workspace))
+        print(os.path.join(os.path.abspath(args.workspace), args.name))
+        return 0
     print(run_simulation(recipe, args.sites, args.workspace))
     return 0
 

@@ -71,6 +71,13 @@ class DPFedAvg(FedAvg):
         self._round_entry()
         return super()._get_aggregated_result()
 
+    def update_model(self, model: Any, aggr_result: Any) -> Any:
+        """FedAvg's update; a round in which no site trained (every budget spent before it) leaves the model as is."""
+        if not self._round_entry()["aggregated"]:
+            self.info(f"Round {self.current_round}: no site trained; the global model is unchanged.")
+            return model
+        return super().update_model(model, aggr_result)
+
     # ------------------------------------------------------------------ stopping and the report
     def is_curr_model_better(self, curr_model: Any) -> bool:
         return super().is_curr_model_better(curr_model) if self._user_stop else True
@@ -83,20 +90,24 @@ class DPFedAvg(FedAvg):
         return super().should_stop(metrics) if self._user_stop else False
 
     def run(self) -> None:
-        self.started = time.time()
+        self.started, completed = time.time(), False
         try:
             super().run()
+            completed = True
         finally:
-            self.write_report(finished=True)
+            self.write_report(finished=completed)
 
     def report(self, finished: bool = False) -> dict:
         sites = sorted({s for r in self.rounds for s in r["sites"]} | set(self.stopped))
         final = {}
         for site in sites:
             last = next((r["sites"][site] for r in reversed(self.rounds) if r["sites"].get(site)), None)
-            final[site] = {"stopped_at_round": self.stopped.get(site), "privacy": last}
+            stopped = self.stopped.get(site)
+            final[site] = {"stopped_at_round": stopped, "privacy": last,
+                           "left_early": stopped is not None and stopped < self.start_round + self.num_rounds - 1}
         return {"finished": finished, "num_rounds": self.num_rounds, "start_round": self.start_round,
-                "rounds_run": len(self.rounds), "sites": final, "stopped": dict(self.stopped), "rounds": self.rounds,
+                "rounds_run": len(self.rounds), "sites": final, "stopped": dict(self.stopped),
+                "left_early": sorted(s for s, v in final.items() if v["left_early"]), "rounds": self.rounds,
                 "wall_time_s": round(time.time() - getattr(self, "started", time.time()), 3)}
 
     def write_report(self, finished: bool = False) -> str:

@@ -100,5 +100,5 @@ def test_a_site_whose_budget_is_spent_stops_at_the_right_round_and_the_others_go
     assert site_2["privacy"]["epsilon"] <= target and site_2["privacy"]["budget_exhausted"]
     aggregated = [sorted(r["aggregated"]) for r in report["rounds"]]
     assert aggregated == [["site-1", "site-2"], ["site-1", "site-2"], ["site-1"]]
-    assert report["rounds_run"] == ROUNDS and report["finished"]
+    assert report["rounds_run"] == ROUNDS and report["finished"] and report["left_early"] == ["site-2"]
     assert "site-2" not in report["rounds"][2]["sites"]
