@@ -8,7 +8,7 @@ import pytest
 
 
 def test_missing_nvflare_names_the_extra(monkeypatch):
-    import monai_dp.fl as fl
+    from monai_dp import fl
 
     monkeypatch.setitem(sys.modules, "nvflare", None)  # as if NVFlare were not installed
     for name in ("DPFedAvg", "dp_fedavg_recipe", "run_simulation"):
