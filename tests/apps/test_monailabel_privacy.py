@@ -67,8 +67,13 @@ def test_budget_registered_once_and_fixed(tmp_path):
 def test_status_composes_all_runs_and_lists_the_model_runs(tmp_path):
     s = _settings(tmp_path, target_epsilon="4")
     privacy.register_budget(s)
-    fresh = privacy.model_status(s, "seg")
+    fresh = privacy.model_status(s, "seg", str(tmp_path / "privacy_report.json"))
     assert (fresh["epsilon_spent"], fresh["epsilon_left"], fresh["runs"], fresh["exhausted"]) == (0.0, 4.0, [], False)
+    assert fresh["last_training"] is None  # never trained
+    (tmp_path / "privacy_report.json").write_text('{"epsilon": 2.5, "steps": 7, "delta": 1e-05, "history": {}}')
+    assert privacy.model_status(s, "seg", str(tmp_path / "privacy_report.json"))["last_training"] == {
+        "epsilon": 2.5, "delta": 1e-05, "steps": 7, "noise_multiplier": None, "sample_rate": None,
+        "accountant": None, "unit": None, "date": None}
     assert (fresh["delta"], fresh["privacy_unit"], fresh["dataset_id"]) == (DELTA, "record", "monailabel-studies")
     _charge(s, "seg", 2)
     _charge(s, "cls", 1)  # another model trained on the same annotations spends the same budget

@@ -11,6 +11,7 @@ changes afterwards (the ledger refuses a different one).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import NamedTuple
@@ -20,7 +21,7 @@ from monai_dp.utils.errors import PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import error_message
 
 __all__ = ["DEFAULT_DATASET_ID", "PrivacySettings", "budget_refusal", "check_budget_left", "check_step_fits",
-           "model_status", "privacy_settings", "register_budget", "run_note"]
+           "last_report", "model_status", "privacy_settings", "register_budget", "run_note"]
 
 DEFAULT_DATASET_ID = "monailabel-studies"
 DEFAULT_DELTA = 1e-5
@@ -81,8 +82,20 @@ def _run_view(run: dict) -> dict:
     return {k: run.get(k) for k in keys}
 
 
-def model_status(settings: PrivacySettings, model: str) -> dict:
-    """What ``/info`` shows for ``model``: the shared budget, what is spent and left, and the ledger's runs."""
+def last_report(path: str) -> dict | None:
+    """The privacy report of a model's last training (ε of its final weights, their history composed), if any."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        return None
+    keys = ("epsilon", "delta", "steps", "noise_multiplier", "sample_rate", "accountant", "unit", "date")
+    return {k: report.get(k) for k in keys}
+
+
+def model_status(settings: PrivacySettings, model: str, report_file: str | None = None) -> dict:
+    """What ``/info`` shows for ``model``: the shared budget, what is spent and left, the ledger's runs, and the
+    report of the model's last training (``report_file``; ``None`` before the first)."""
     with PrivacyLedger(settings.ledger, create=False, read_only=True) as ledger:
         summary = ledger.summary(settings.dataset_id)[0]
     spent, budget = summary["committed_epsilon"], summary["budget_epsilon"]
@@ -93,6 +106,7 @@ def model_status(settings: PrivacySettings, model: str) -> dict:
         "epsilon_budget": budget, "epsilon_spent": spent, "epsilon_left": max(budget - spent, 0.0),
         "exhausted": not spent < budget, "ledger": settings.ledger,
         "model_runs": [r for r in runs if str(r["note"]).startswith(prefix)], "runs": runs,
+        "last_training": last_report(report_file) if report_file else None,
         "accounting": "PLD composition of every run of every model of this app on the studies' labels, at delta",
     }
 

@@ -13,12 +13,16 @@ privacy guarantee needs:
   annotations;
 - the run is charged to the app's one budget (``dataset_id``, ``ledger``, ``target_delta``) by a
   ``PrivacyLedgerHandler`` whose note names the model and the fingerprint of the records trained on;
+- a retrain continues the model's privacy: every ``CheckpointSaver`` of the network also saves its
+  ``PrivacyHistory``, and the trainer looks the loaded ``model.pt`` up in ``models/`` (``privacy_history``), unless
+  the bundle does so itself; weights with no history found are refused by the trainer;
 - a request may set the bundle's training knobs (:data:`REQUEST_KEYS`) but never the budget.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from monailabel.tasks.train.bundle import BundleTrainTask
@@ -37,6 +41,8 @@ from monai_dp.utils.validation import error_message
 __all__ = ["REQUEST_KEYS", "DPBundleTrainTask"]
 
 logger = logging.getLogger(__name__)
+
+_HISTORY = {"_target_": "monai_dp.engines.history.PrivacyHistory", "network": "@network"}
 
 # bundle ids a train request may override (the bundle's top-level DP and training knobs)
 REQUEST_KEYS = ("batch_size", "learning_rate", "max_grad_norm", "noise_multiplier", "target_epsilon",
@@ -61,7 +67,8 @@ class DPBundleTrainTask(BundleTrainTask):
         return options
 
     def stats(self) -> dict:
-        return {"privacy": model_status(self.privacy, self.model)}
+        report = os.path.join(self.bundle_path, "models", "privacy_report.json")
+        return {"privacy": model_status(self.privacy, self.model, report)}
 
     def __call__(self, request: dict, datastore: Any) -> dict:
         self._request = dict(request)
@@ -119,9 +126,24 @@ class DPBundleTrainTask(BundleTrainTask):
                           "privacy_unit": self.privacy.unit, "dataset_id": self.privacy.dataset_id,
                           "ledger": None})
         note = run_note(self.model, dataset_fingerprint_of_records(train), len(train))
-        handlers = overrides[self.const.key_train_handlers()]
-        handlers.append({"_target_": "monai_dp.handlers.PrivacyLedgerHandler", "ledger": self.privacy.ledger,
-                         "dataset_id": self.privacy.dataset_id, "note": note})
+        ledger = {"_target_": "monai_dp.handlers.PrivacyLedgerHandler", "ledger": self.privacy.ledger,
+                  "dataset_id": self.privacy.dataset_id, "note": note}
+        overrides[self.const.key_train_handlers()] = _with_history(overrides[self.const.key_train_handlers()]) + [ledger]
+        overrides["validate#handlers"] = _with_history(self.bundle_config.get("validate#handlers", []))
+        if self.bundle_config.get("train#trainer#privacy_history") is None:
+            overrides["train#trainer#privacy_history"] = os.path.join(self.bundle_path, "models")
         logger.info("DP training of %s: %s, charged to dataset %r in %s", self.model, note, self.privacy.dataset_id,
                     self.privacy.ledger)
         return overrides
+
+
+def _with_history(handlers: list) -> list:
+    """``handlers`` with every ``CheckpointSaver`` of the network also saving the network's ``PrivacyHistory``."""
+    out = []
+    for handler in handlers:
+        save = handler.get("save_dict") if isinstance(handler, dict) else None
+        if isinstance(save, dict) and handler.get("_target_") == "CheckpointSaver" and "model" in save \
+                and "privacy" not in save:
+            handler = {**handler, "save_dict": {**save, "privacy": dict(_HISTORY)}}
+        out.append(handler)
+    return out
