@@ -59,12 +59,15 @@ class BundleNetwork(nn.Module):
 def dp_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, local_epochs: int = 1,
                      config_file: list[str] | None = None, site_config: str | None = None,
                      overrides: dict | None = None, name: str = "dp_fedavg",
-                     report_file: str = "federation_report.json", workdir: str | None = None) -> Any:
+                     report_file: str = "federation_report.json", workdir: str | None = None,
+                     client_level: dict | None = None) -> Any:
     """An NVFlare ``FedAvgRecipe`` whose controller is :class:`~monai_dp.fl.server.DPFedAvg` and whose sites run
     :mod:`monai_dp.fl.client` (the bundle through :class:`~monai_dp.fl.algo.DPMonaiAlgo`).
 
     ``overrides`` apply to the server's copy of the network (keep them equal to the sites' network overrides);
     each site's own settings (budget, ledger, dataset id, outputs, bundle overrides) are in ``site_config``.
+    ``client_level``: arguments of :class:`~monai_dp.fl.client_level.ClientLevelDP` to add client-level DP-FedAvg
+    at the server (for federations of tens of sites or more).
     """
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
@@ -83,7 +86,7 @@ def dp_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, local_
         def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> Any:
             return DPFedAvg(num_clients=self.min_clients, num_rounds=self.num_rounds, persistor_id=persistor_id,
                             model=model_params, aggregator=model_aggregator, task_name="train",
-                            report_file=report_file)
+                            report_file=report_file, client_level=client_level)
 
     model = {"class_path": "monai_dp.fl.job.BundleNetwork",
              "args": {"bundle_root": bundle_root, "config_file": config_file, "overrides": dict(overrides or {})}}
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config_file", nargs="+", default=None)
     parser.add_argument("--site_config", default=None, help="JSON: per-site budget, ledger, dataset id, overrides")
     parser.add_argument("--network_overrides", default=None, help="JSON: overrides of the server's network")
+    parser.add_argument("--client_level", default=None,
+                        help='JSON: client-level DP-FedAvg at the server, e.g. {"sample_rate": 0.1, "clip_norm": 1.0, '
+                             '"target_epsilon": 3.0}')
     parser.add_argument("--workspace", required=True, help="the simulator's workspace (or the exported job's parent)")
     parser.add_argument("--name", default="dp_fedavg")
     parser.add_argument("--export_job", action="store_true",
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = json.loads(args.network_overrides) if args.network_overrides else None
     recipe = dp_fedavg_recipe(args.bundle_root, args.sites, args.num_rounds, args.local_epochs, args.config_file,
-                              args.site_config, overrides, name=args.name, workdir=args.workspace)
+                              args.site_config, overrides, name=args.name, workdir=args.workspace,
+                              client_level=json.loads(args.client_level) if args.client_level else None)
     if args.export_job:
         recipe.export(os.path.abspath(args.workspace))
         print(os.path.join(os.path.abspath(args.workspace), args.name))

@@ -1,0 +1,42 @@
+"""Client-level DP-FedAvg at the server, in NVIDIA FLARE's simulator: every round accounted, the federation stops
+before a round would exceed the client-level budget (the sites train with site-level DP-SGD as well)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.fl.tiny import BUNDLE, NETWORK, REPO, pld_epsilon, site_overrides
+
+pytest.importorskip("nvflare", reason="federated tests need NVIDIA FLARE: pip install 'monai_dp[fl]'")
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+SIGMA, CLIP, DELTA = 2.0, 0.05, 1e-5
+
+
+def test_client_level_rounds_are_accounted_and_stop_at_the_budget(tmp_path):
+    target = (pld_epsilon(SIGMA, 1.0, 2, DELTA) + pld_epsilon(SIGMA, 1.0, 3, DELTA)) / 2  # 2 rounds fit, not 3
+    sites = {s: {"target_epsilon": 50.0, "dataset_id": s, "output_dir": str(tmp_path / s / "out"),
+                 "overrides": site_overrides(tmp_path / s / "data", seed=i)} for i, s in enumerate(("site-1", "site-2"))}
+    (tmp_path / "sites.json").write_text(json.dumps(sites))
+    client_level = {"sample_rate": 1.0, "clip_norm": CLIP, "noise_multiplier": SIGMA, "target_epsilon": target,
+                    "target_delta": DELTA, "noise_seed": 5}
+    cmd = [sys.executable, "-m", "monai_dp.fl.job", "--bundle_root", str(BUNDLE), "--sites", "site-1", "site-2",
+           "--num_rounds", "3", "--site_config", str(tmp_path / "sites.json"), "--client_level", json.dumps(client_level),
+           "--network_overrides", json.dumps({"network_def#network": NETWORK}), "--workspace", str(tmp_path / "ws")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "ws" / "dp_fedavg" / "server" / "simulate_job" / "federation_report.json").read_text())
+    assert report["rounds_run"] == 2 and report["client_level"]["stopped_after_round"] == 1
+    for r, entry in enumerate(report["rounds"], start=1):
+        assert sorted(entry["aggregated"]) == ["site-1", "site-2"]
+        assert set(entry["update_norms"]) == {"site-1", "site-2"} and all(n > 0 for n in entry["update_norms"].values())
+        assert entry["client_level"]["rounds"] == r
+        assert entry["client_level"]["epsilon"] == pytest.approx(pld_epsilon(SIGMA, 1.0, r, DELTA), rel=0.02)
+    assert report["client_level"]["epsilon"] <= target and report["client_level"]["noise_seeded"]
+    assert report["stopped"] == {}  # no site spent its own (site-level) budget
