@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("monailabel", reason="monailabel is not installed (see docs/monailabel.md for the install)")
 nib = pytest.importorskip("nibabel")
 
 from monai.data import create_test_image_3d, partition_dataset
 
+from monai_dp.engines.digest import state_dict_digest
 from monai_dp.privacy.fingerprint import dataset_fingerprint_of_records
 from monai_dp.privacy.pld import compose_epsilon
 
@@ -183,6 +185,8 @@ def test_train_infer_and_budget_through_rest(server):
     task = _train(base, deadline)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     assert weights.exists()
+    served = torch.load(weights, map_location="cpu", weights_only=True)  # what MONAI Label's inferer loads
+    assert served["privacy"]["model_digest"] == state_dict_digest(served["model"]), "model.pt carries its accounting"
     bundle_copy = weights.parents[1]  # the bundle's own datalist is replaced: it generated no synthetic images
     assert not [p for p in bundle_copy.rglob("*.nii*")], sorted(map(str, bundle_copy.rglob("*.nii*")))
     first = _json(f"{base}/info/")["privacy"][MODEL]
