@@ -161,7 +161,7 @@ def server(tmp_path):
             deadline = time.monotonic() + 90
             _wait(lambda: proc.poll() is not None or _info_or_none(base), "the server to answer /info", deadline)
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            yield {"base": base, "app": app, "labels": labels}
+            yield {"base": base, "app": app, "labels": labels, "log": tmp_path / "server.log"}
         finally:
             proc.terminate()
             try:
@@ -177,6 +177,12 @@ def test_train_infer_and_budget_through_rest(server):
     privacy = _json(f"{base}/info/")["privacy"][MODEL]
     assert (privacy["epsilon_budget"], privacy["delta"], privacy["privacy_unit"]) == (BUDGET, 1e-5, "record")
     assert privacy["epsilon_spent"] == 0 and privacy["runs"] == [] and not privacy["exhausted"]
+
+    # an untrained model serves nothing (MONAI Label answers 500; the reason is in the server's log)
+    with pytest.raises(urllib.error.HTTPError, match="500"):
+        _request(f"{base}/infer/{MODEL}?image=img_0&output=image", "POST", b"{}", {"Content-Type": "application/json"})
+    _wait(lambda: f"Model '{MODEL}' has no trained weights yet" in server["log"].read_text(), "the reason",
+          time.monotonic() + 20)
 
     # the user's annotations, saved through MONAI Label, are what is trained on
     for image_id, path in server["labels"].items():
