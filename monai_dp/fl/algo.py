@@ -82,6 +82,8 @@ class DPMonaiAlgo(MonaiAlgo):
             train_kwargs.setdefault("output_dir", os.path.join(os.fspath(output_dir), "eval"))
         if not allow_validation_metrics:
             kwargs.setdefault("config_evaluate_filename", None)  # no evaluator is built: evaluate() is refused
+        else:  # the evaluator is built from the same site settings (data, network, outputs)
+            kwargs["eval_kwargs"] = {**train_kwargs, **dict(kwargs.get("eval_kwargs") or {})}
         super().__init__(bundle_root=bundle_root, local_epochs=local_epochs, train_kwargs=train_kwargs, **kwargs)
         self.num_rounds = num_rounds
         self.output_dir = output_dir

@@ -78,3 +78,14 @@ def test_a_plain_trainer_is_refused(tmp_path):
     with pytest.raises(DPConfigurationError, match=r"`train#trainer` must be a monai_dp.engines.DPSupervisedTrainer, "
                                                     r"got 'SupervisedTrainer'"):
         DPMonaiAlgo(str(BUNDLE), num_rounds=2, output_dir=str(tmp_path / "out"), overrides=plain).initialize()
+
+
+def test_validation_metrics_when_allowed_come_from_held_out_records_only(tmp_path):
+    algo = _algo(tmp_path, allow_validation_metrics=True)  # MonaiAlgo's evaluator: train.json + evaluate.json
+    metrics = algo.evaluate(_global_weights(algo, 0)).metrics
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0  # on the bundle's test split
+    on_training = _algo(tmp_path / "leaky", allow_validation_metrics=True,
+                        eval_kwargs={"validate#dataset#data": "$@datalist['training'][:5]"})
+    with pytest.raises(DPConfigurationError, match=r"`evaluator data` must be records outside the training set, "
+                                                    r"got '5 training records'"):
+        on_training.evaluate(_global_weights(on_training, 0))
