@@ -110,7 +110,8 @@ def test_train_evaluate_infer(name, tmp_path):
     history = ckpt["trainer"]["privacy"]["accountant"]["history"]
     assert sum(int(n) for *_, n in history) == report["steps"], "the checkpoint's accounting is the reported one"
     # the saved model is the trained network: finite, and moved away from its initial weights
-    trained, before = torch.load(root / "models" / "model.pt", weights_only=True), torch.load(initial, weights_only=True)
+    trained = torch.load(root / "models" / "model.pt", weights_only=True)["model"]  # beside it: "privacy"
+    before = torch.load(initial, weights_only=True)
     common = [k for k in trained if k in before and trained[k].shape == before[k].shape and trained[k].is_floating_point()]
     assert len(common) >= len(trained) // 2, "the model file holds the bundle's network"
     assert all(torch.isfinite(trained[k]).all() for k in trained)
@@ -162,6 +163,7 @@ def _check_ckpt_export(name: str, root: Path, tmp_path: Path, trained: dict, ove
 
     ts_file = tmp_path / "model.ts"
     ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(root / "models" / "model.pt"),
+                key_in_ckpt="model",
                 meta_file=str(root / "configs" / "metadata.json"), config_file=str(root / "configs" / "inference.json"),
                 bundle_root=str(root), **override)
     exported = torch.jit.load(str(ts_file)).eval()
@@ -295,7 +297,7 @@ def test_fashion_mnist_recipe_trains_on_scattering_features_and_evaluates(tmp_pa
          target_epsilon=8.0, learning_rate=1.0)
     report = json.loads((root / "models" / "privacy_report.json").read_text())
     assert 0 < report["epsilon"] <= 8.0 and report["steps"] == 4
-    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    state = torch.load(root / "models" / "model.pt", weights_only=True)["model"]  # beside it: "privacy"
     assert state["net.2.weight"].shape == (10, 81 * 7 * 7)  # FeatureClassifier: GroupNorm, Flatten, Linear
     _run(root, files + ["evaluate.json"], dataset_dir=str(npz))
     rows = dict((r[0], r[1]) for r in csv.reader(open(root / "eval" / "metrics.csv")) if len(r) >= 2)
