@@ -127,7 +127,7 @@ def find_history(digest: str, files: Sequence[str], loaded: Sequence[tuple[dict,
     for path in files:
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # not a checkpoint (or not one torch can read safely): not a history
+        except Exception as err:  # noqa: BLE001 - not a checkpoint (or not one torch reads safely): no history
             logger.debug("Privacy history: skipping %s (%s).", path, err)
             continue
         for weights, privacy in _pairs(content):

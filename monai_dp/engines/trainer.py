@@ -28,7 +28,11 @@ from monai_dp.engines.builder import DPOptions, build_dp_setup, rebuild_training
 from monai_dp.engines.checks import check_finite
 from monai_dp.engines.digest import weights_digest
 from monai_dp.engines.empty_step import EmptyStepOutput
-from monai_dp.engines.history import INITIAL_WEIGHTS, InitialWeightsCheck, register_network
+from monai_dp.engines.history import (
+    INITIAL_WEIGHTS,
+    InitialWeightsCheck,
+    register_network,
+)
 from monai_dp.engines.optimizer import (
     PrivateNoiseDistributedDPOptimizer,
     PrivateNoiseDPOptimizer,

@@ -381,9 +381,12 @@ class PrivacyBudget:
         only: the earlier runs were charged to the ledger when they ran.
         """
         self.check_not_rewound()
-        if not isinstance(state, dict) or not isinstance(state.get("accountant"), dict):
-            raise ValueError(error_message("privacy history", "a dict with an 'accountant' entry",
-                                           type(state).__name__, f"Found in {source}."))
+        if not isinstance(state, dict):
+            raise TypeError(error_message("privacy history", "a dict (a budget's state_dict)", type(state).__name__,
+                                          f"Found in {source}."))
+        if "accountant" not in state:
+            raise ValueError(error_message("privacy history", "a dict with an 'accountant' entry", sorted(state),
+                                           f"Found in {source}."))
         if state.get("unit", "record") != self.unit:
             raise DPConfigurationError(error_message(
                 "privacy history unit", f"{self.unit!r} like this trainer", state.get("unit"),

@@ -88,6 +88,8 @@ def test_another_unit_or_a_broken_history_is_refused():
         _budget().compose_prior(dict(_earlier(0), accountant={"accountant": "prv", "history": [[1.0, 1.5, 3]]}),
                                 "model.pt")
     b = _budget()
-    with pytest.raises(ValueError, match=r"`privacy history` must be a dict with an 'accountant' entry, got 'list'"):
+    with pytest.raises(TypeError, match=r"`privacy history` must be a dict \(a budget's state_dict\), got 'list'"):
         b.compose_prior([], "x.pt")
+    with pytest.raises(ValueError, match=r"`privacy history` must be a dict with an 'accountant' entry, got \['unit'\]"):
+        b.compose_prior({"unit": "record"}, "x.pt")
     assert b.steps == 0 and b.prior == []
