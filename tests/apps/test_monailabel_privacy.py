@@ -49,7 +49,7 @@ def test_settings_defaults_and_conf(tmp_path):
     ("target_epsilon", "nan", r"`target_epsilon` must be a positive finite number, got 'nan'"),
     ("target_epsilon", "-1", r"`target_epsilon` must be a positive finite number, got '-1'"),
     ("target_delta", "1.5", r"`target_delta` must be in \(0, 1\), got 1.5"),
-    ("privacy_unit", "patient", r"`privacy_unit` must be 'record' in this app, got 'patient'"),
+    ("privacy_unit", "study", r"`privacy_unit` must be 'record' or 'patient', got 'study'"),
 ])
 def test_settings_refuse_bad_values(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -128,3 +128,37 @@ def test_budget_refusal_is_found_behind_the_bundle_errors():
     except ValueError as context:
         assert privacy.budget_refusal(context) is refusal
     assert privacy.budget_refusal(RuntimeError("unrelated")) is None
+
+
+def test_patient_level_overrides_carry_the_unit_and_pattern(tmp_path):
+    s = _settings(tmp_path, privacy_unit="patient", patient_id_pattern=r"(?P<patient>pat[0-9]+)_")
+    assert privacy.bundle_privacy_overrides(s) == {
+        "target_delta": 1e-5, "privacy_unit": "patient", "dataset_id": "monailabel-studies", "ledger": None,
+        "patient_id_pattern": r"(?P<patient>pat[0-9]+)_"}
+    records = [{"image": f"/studies/pat{p}_{k}.nii.gz", "label": f"/studies/labels/final/pat{p}_{k}.nii.gz"}
+               for p, k in [(1, "a"), (1, "b"), (22, "a")]]
+    assert privacy.patient_ids(s, records) == ["pat1", "pat1", "pat22"]
+    plain = privacy.bundle_privacy_overrides(_settings(tmp_path))
+    assert (plain["privacy_unit"], plain["patient_id_pattern"]) == ("record", None)
+
+
+def test_pattern_without_patient_level_or_invalid_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`patient_id_pattern` must be a valid regular expression, got '\(pat'"):
+        _settings(tmp_path, privacy_unit="patient", patient_id_pattern="(pat")
+    with pytest.raises(ValueError, match=r"`patient_id_pattern` must be unset at record level, got '\(p\)'.*"
+                                         r"--conf privacy_unit patient"):
+        _settings(tmp_path, patient_id_pattern="(p)")
+
+
+def test_patient_level_without_a_way_to_derive_ids_is_refused(tmp_path):
+    records = [{"image": str(tmp_path / "img0.nii.gz"), "label": str(tmp_path / "lab0.nii.gz")}]
+    s = _settings(tmp_path, privacy_unit="patient")
+    with pytest.raises(ValueError) as info:
+        privacy.patient_ids(s, records)
+    msg = str(info.value)
+    assert msg.startswith("Patient-level training refused, nothing was trained: ")
+    assert "pass `patient_id_pattern`" in msg and "DICOM" in msg  # the trainer's own how-to
+    assert "--conf privacy_unit patient --conf patient_id_pattern REGEX" in msg  # and how in this app
+    s = _settings(tmp_path, privacy_unit="patient", patient_id_pattern=r"pat([0-9]+)")
+    with pytest.raises(ValueError, match=r"a path matching patient_id_pattern 'pat\(\[0-9\]\+\)'.*--conf privacy_unit"):
+        privacy.patient_ids(s, records)

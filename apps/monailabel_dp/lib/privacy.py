@@ -7,6 +7,11 @@ The id stays the same while annotations are added: a fingerprint of the labelled
 new label and hand out a fresh budget for records that were already trained on. The budget (``--conf
 target_epsilon``, ``--conf target_delta``, ``--conf privacy_unit``) is registered on the first start and never
 changes afterwards (the ledger refuses a different one).
+
+Patient level (``--conf privacy_unit patient``) needs each record's patient id, which MONAI Label does not pass
+(its records are ``{image, label}``). The bundle's trainer derives it: with ``--conf patient_id_pattern REGEX``
+from the image path (the group ``patient``, else the first group, else the whole match), without it from the
+PatientID of DICOM images. A train request whose records yield no ids is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -14,18 +19,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from types import SimpleNamespace
 from typing import NamedTuple
 
+from monai_dp.data.patients import patient_ids_of
 from monai_dp.privacy.ledger import PrivacyLedger
 from monai_dp.utils.errors import PrivacyBudgetExhaustedError
 from monai_dp.utils.validation import error_message
 
-__all__ = ["DEFAULT_DATASET_ID", "PrivacySettings", "budget_refusal", "check_budget_left", "check_step_fits",
-           "last_report", "model_status", "privacy_settings", "register_budget", "run_note"]
+__all__ = ["DEFAULT_DATASET_ID", "PrivacySettings", "budget_refusal", "bundle_privacy_overrides", "check_budget_left",
+           "check_step_fits", "last_report", "model_status", "patient_ids", "privacy_settings", "register_budget",
+           "run_note"]
 
 DEFAULT_DATASET_ID = "monailabel-studies"
 DEFAULT_DELTA = 1e-5
 RUN_NOTE = "monailabel model={model} records={records} n={n}"
+UNITS = ("record", "patient")
+HOW_IN_THIS_APP = ("In this app: start it with `--conf privacy_unit patient --conf patient_id_pattern REGEX` (REGEX "
+                   "finds the id in each image path, e.g. '(?P<patient>pat[0-9]+)_'), or serve DICOM studies (their "
+                   "PatientID is read); or use `--conf privacy_unit record`.")
 
 
 class PrivacySettings(NamedTuple):
@@ -34,6 +47,7 @@ class PrivacySettings(NamedTuple):
     target_epsilon: float
     target_delta: float
     unit: str
+    patient_id_pattern: str | None = None
 
 
 def _number(conf: dict, key: str, default: float) -> float:
@@ -50,17 +64,45 @@ def _number(conf: dict, key: str, default: float) -> float:
 def privacy_settings(conf: dict, model_dir: str, default_epsilon: float) -> PrivacySettings:
     """The budget from the app's ``--conf`` values (``default_epsilon``: the bundle's ``target_epsilon``)."""
     unit = conf.get("privacy_unit", "record")
-    if unit != "record":
-        raise ValueError(error_message(
-            "privacy_unit", "'record' in this app", unit,
-            "MONAI Label hands the trainer {image, label} records without patient ids; one image per patient "
-            "makes record-level DP patient-level."))
+    if unit not in UNITS:
+        raise ValueError(error_message("privacy_unit", "'record' or 'patient'", unit,
+                                       "Pass `--conf privacy_unit patient` (with `--conf patient_id_pattern`) or "
+                                       "`--conf privacy_unit record`."))
+    pattern = conf.get("patient_id_pattern") or None
+    if pattern is not None:
+        if unit != "patient":
+            raise ValueError(error_message(
+                "patient_id_pattern", "unset at record level", pattern,
+                "Add `--conf privacy_unit patient` to train at patient level, or drop the pattern."))
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(error_message("patient_id_pattern", "a valid regular expression", pattern,
+                                           str(err))) from None
     delta = _number(conf, "target_delta", DEFAULT_DELTA)
     if not delta < 1:
         raise ValueError(error_message("target_delta", "in (0, 1)", delta))
     ledger = os.path.realpath(os.path.expanduser(conf.get("ledger") or os.path.join(model_dir, "privacy_ledger.db")))
     return PrivacySettings(ledger, conf.get("dataset_id") or DEFAULT_DATASET_ID,
-                           _number(conf, "target_epsilon", default_epsilon), delta, unit)
+                           _number(conf, "target_epsilon", default_epsilon), delta, unit, pattern)
+
+
+def bundle_privacy_overrides(settings: PrivacySettings) -> dict:
+    """The bundle overrides that put a run under the app's budget: unit, δ, dataset id, and how patient ids are
+    derived (``patient_id_pattern``; ``None`` reads DICOM PatientID). The ledger is the app's handler, not the
+    bundle's."""
+    return {"target_delta": settings.target_delta, "privacy_unit": settings.unit, "dataset_id": settings.dataset_id,
+            "ledger": None, "patient_id_pattern": settings.patient_id_pattern}
+
+
+def patient_ids(settings: PrivacySettings, records: list) -> list[str]:
+    """The patient id of each of MONAI Label's ``records`` as the bundle's trainer derives it (the pattern over the
+    image path, else DICOM PatientID); raises ``ValueError`` with the trainer's message and how to give ids in this
+    app when a record yields none."""
+    try:
+        return patient_ids_of(SimpleNamespace(data=records), "patient_id", settings.patient_id_pattern)
+    except ValueError as err:
+        raise ValueError(f"Patient-level training refused, nothing was trained: {err} {HOW_IN_THIS_APP}") from None
 
 
 def register_budget(settings: PrivacySettings) -> None:
