@@ -16,9 +16,12 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["main", "round_result", "site_settings"]
+__all__ = ["DELTA_TAG", "EPSILON_TAG", "STEPS_TAG", "log_privacy", "main", "round_result", "site_settings"]
 
 logger = logging.getLogger("monai_dp.fl.client")
+
+# TensorBoard tags of the privacy spent, streamed to the server's receiver (one point per round, step = round)
+EPSILON_TAG, DELTA_TAG, STEPS_TAG = "dp/epsilon", "dp/delta", "dp/steps"
 
 SITE_KEYS = ("target_epsilon", "ledger", "dataset_id", "output_dir", "overrides", "allow_validation_metrics",
              "allow_nonprivate_statistics")
@@ -74,11 +77,20 @@ def round_result(algo: Any, global_round: int | None, trained: bool = True) -> A
     return FLModel(params=params, params_type=params_type, meta=meta, current_round=global_round)
 
 
+def log_privacy(writer: Any, privacy: dict, global_round: int) -> None:
+    """ε, δ and the steps taken so far, through NVFlare's experiment tracking (the server writes them to
+    TensorBoard when the job has a receiver, see :func:`monai_dp.fl.job.dp_fedavg_recipe`)."""
+    writer.add_scalar(EPSILON_TAG, float(privacy["epsilon"]), global_step=global_round)
+    writer.add_scalar(DELTA_TAG, float(privacy["delta"]), global_step=global_round)
+    writer.add_scalar(STEPS_TAG, float(privacy["steps"]), global_step=global_round)
+
+
 def main(argv: list[str] | None = None) -> None:
     import nvflare.client as flare
     import torch
     from monai.fl.utils.constants import ExtraItems
     from monai.fl.utils.exchange_object import ExchangeObject
+    from nvflare.client.tracking import SummaryWriter
 
     from monai_dp.fl.algo import DPMonaiAlgo
 
@@ -90,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     algo = DPMonaiAlgo(bundle_root=os.path.abspath(args.bundle_root), num_rounds=args.num_rounds,
                        local_epochs=args.local_epochs, config_train_filename=args.config_file, **settings)
     algo.initialize(extra={ExtraItems.CLIENT_NAME: site})
+    writer = SummaryWriter()
     try:
         while flare.is_running():
             model = flare.receive()
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             priv = result.meta["dp_privacy"]
             logger.info("%s round %s: ε = %.4f (δ = %.3g) after %d steps; budget exhausted: %s.", site,
                         model.current_round, priv["epsilon"], priv["delta"], priv["steps"], priv["budget_exhausted"])
+            log_privacy(writer, priv, int(model.current_round or 0))
             flare.send(result)
             if priv["budget_exhausted"]:
                 logger.info("%s: privacy budget spent; leaving the federation after round %s.", site,

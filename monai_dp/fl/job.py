@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DP_CLASS_ALLOW_LIST", "BundleNetwork", "dp_fedavg_recipe", "main", "run_simulation"]
+__all__ = ["DP_CLASS_ALLOW_LIST", "TB_FOLDER", "BundleNetwork", "dp_fedavg_recipe", "main", "run_simulation"]
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client.py")
+TB_FOLDER = "tb_events"  # the server's TensorBoard folder, inside its job folder
 # components of this job that NVFlare's component policy must allow (besides its own defaults)
 DP_CLASS_ALLOW_LIST = ("monai_dp.fl.server.DPFedAvg",)
 
@@ -60,7 +61,7 @@ def dp_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, local_
                      config_file: list[str] | None = None, site_config: str | None = None,
                      overrides: dict | None = None, name: str = "dp_fedavg",
                      report_file: str = "federation_report.json", workdir: str | None = None,
-                     client_level: dict | None = None) -> Any:
+                     client_level: dict | None = None, tensorboard: bool | None = None) -> Any:
     """An NVFlare ``FedAvgRecipe`` whose controller is :class:`~monai_dp.fl.server.DPFedAvg` and whose sites run
     :mod:`monai_dp.fl.client` (the bundle through :class:`~monai_dp.fl.algo.DPMonaiAlgo`).
 
@@ -68,6 +69,9 @@ def dp_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, local_
     each site's own settings (budget, ledger, dataset id, outputs, bundle overrides) are in ``site_config``.
     ``client_level``: arguments of :class:`~monai_dp.fl.client_level.ClientLevelDP` to add client-level DP-FedAvg
     at the server (for federations of tens of sites or more).
+    ``tensorboard``: attach NVFlare's TensorBoard receiver to the server, which then writes every site's ε, δ and
+    steps per round (logged by the sites through ``nvflare.client.tracking``) under ``tb_events/<site>`` in the
+    server's job folder; ``None`` (default) attaches it when the ``tensorboard`` package is installed.
     """
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
@@ -90,8 +94,17 @@ def dp_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, local_
 
     model = {"class_path": "monai_dp.fl.job.BundleNetwork",
              "args": {"bundle_root": bundle_root, "config_file": config_file, "overrides": dict(overrides or {})}}
-    return _Recipe(name=name, model=model, min_clients=len(sites), num_rounds=num_rounds,
-                   train_script=CLIENT_SCRIPT, train_args=" ".join(args))
+    recipe = _Recipe(name=name, model=model, min_clients=len(sites), num_rounds=num_rounds,
+                     train_script=CLIENT_SCRIPT, train_args=" ".join(args))
+    if tensorboard is None:
+        import importlib.util
+
+        tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if tensorboard:
+        from nvflare.recipe.utils import add_experiment_tracking
+
+        add_experiment_tracking(recipe, "tensorboard", {"tb_folder": TB_FOLDER})
+    return recipe
 
 
 def _allow_components(workspace: str) -> None:

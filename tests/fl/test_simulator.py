@@ -102,3 +102,33 @@ def test_a_site_whose_budget_is_spent_stops_at_the_right_round_and_the_others_go
     assert aggregated == [["site-1", "site-2"], ["site-1", "site-2"], ["site-1"]]
     assert report["rounds_run"] == ROUNDS and report["finished"] and report["left_early"] == ["site-2"]
     assert "site-2" not in report["rounds"][2]["sites"]
+
+
+def _tensorboard_scalars(folder, tag):
+    """``{step: value}`` of ``tag`` in the TensorBoard event files under ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return {}
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_the_server_writes_every_sites_epsilon_per_round_to_tensorboard(federation):
+    pytest.importorskip("tensorboard")
+    from monai_dp.fl.client import DELTA_TAG, EPSILON_TAG, STEPS_TAG
+    from monai_dp.fl.job import TB_FOLDER
+
+    report = federation["report"]
+    tb = federation["tmp"] / "ws" / "dp_fedavg" / "server" / "simulate_job" / TB_FOLDER
+    expected = {"site-1": [0, 1, 2], "site-2": [0, 1]}  # site-2 leaves after round 1
+    assert sorted(p.name for p in tb.iterdir()) == sorted(expected)
+    for site, rounds in expected.items():
+        eps = _tensorboard_scalars(tb / site, EPSILON_TAG)
+        assert sorted(eps) == rounds
+        for r in rounds:
+            priv = report["rounds"][r]["sites"][site]
+            assert eps[r] == pytest.approx(priv["epsilon"], rel=1e-6)  # float32 in the event file
+        assert _tensorboard_scalars(tb / site, DELTA_TAG) == {r: pytest.approx(DELTA, rel=1e-6) for r in rounds}
+        assert _tensorboard_scalars(tb / site, STEPS_TAG)[rounds[-1]] == report["sites"][site]["privacy"]["steps"]
