@@ -16,6 +16,8 @@ privacy guarantee needs:
 - a retrain continues the model's privacy: every ``CheckpointSaver`` of the network also saves its
   ``PrivacyHistory``, and the trainer looks the loaded ``model.pt`` up in ``models/`` (``privacy_history``), unless
   the bundle does so itself; weights with no history found are refused by the trainer;
+- at patient level (``--conf privacy_unit patient``) the bundle gets the app's ``patient_id_pattern`` (``None``:
+  DICOM PatientID) and derives each record's patient id; records that yield none refuse the request first;
 - a request may set the bundle's training knobs (:data:`REQUEST_KEYS`) but never the budget.
 """
 
@@ -30,9 +32,11 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from lib.privacy import (
     PrivacySettings,
     budget_refusal,
+    bundle_privacy_overrides,
     check_budget_left,
     check_step_fits,
     model_status,
+    patient_ids,
     run_note,
 )
 from monai_dp.privacy.fingerprint import dataset_fingerprint_of_records
@@ -85,14 +89,16 @@ class DPBundleTrainTask(BundleTrainTask):
         return self.stats()
 
     def _check_budget(self, request: dict, datastore: Any) -> None:
-        """Refuse when the budget is spent, or when one step of the requested (σ, q) does not fit what is left."""
+        """Refuse when the budget is spent, when a patient-level run's records yield no patient ids, or when one
+        step of the requested (σ, q) does not fit what is left (q over patients at patient level)."""
         check_budget_left(self.privacy)
+        train, _ = self._partition_datalist(self._fetch_datalist(request, datastore), request)
+        units = len(set(patient_ids(self.privacy, train))) if self.privacy.unit == "patient" else len(train)
         sigma = request.get("noise_multiplier", self.bundle_config.config.get("noise_multiplier"))
         batch = request.get("batch_size") or self.bundle_config.config.get("batch_size")
         if not (isinstance(sigma, (int, float)) and isinstance(batch, int)):
             return  # σ calibrated from ε (or an expression): the trainer's ledger handler decides before its first step
-        train, _ = self._partition_datalist(self._fetch_datalist(request, datastore), request)
-        check_step_fits(self.privacy, float(sigma), min(1.0, batch / len(train)))
+        check_step_fits(self.privacy, float(sigma), min(1.0, batch / units))
 
     def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list) -> None:
         """Continue from ``model.pt`` only when ``pretrained`` (monailabel 0.8.5 fails on ``os.path.exists(None)``)."""
@@ -122,9 +128,7 @@ class DPBundleTrainTask(BundleTrainTask):
         if not 0 < float(eps) <= self.privacy.target_epsilon:
             raise ValueError(error_message("target_epsilon", f"in (0, {self.privacy.target_epsilon:g}] (the budget)",
                                            eps, "A run's ε cannot exceed the app's budget."))
-        overrides.update({"target_epsilon": float(eps), "target_delta": self.privacy.target_delta,
-                          "privacy_unit": self.privacy.unit, "dataset_id": self.privacy.dataset_id,
-                          "ledger": None})
+        overrides.update({"target_epsilon": float(eps), **bundle_privacy_overrides(self.privacy)})
         note = run_note(self.model, dataset_fingerprint_of_records(train), len(train))
         ledger = {"_target_": "monai_dp.handlers.PrivacyLedgerHandler", "ledger": self.privacy.ledger,
                   "dataset_id": self.privacy.dataset_id, "note": note}
