@@ -7,7 +7,9 @@ Start it with::
 ``--conf`` keys: ``models`` (comma-separated bundle names, or ``all``), ``bundles`` (the folder holding them,
 default the repository's ``bundles/``), ``model_dir`` (working copies, weights and ledger; default
 ``<app>/model``), ``target_epsilon`` / ``target_delta`` / ``privacy_unit`` (the budget of the studies, registered
-on first start; default the bundles' smallest ``target_epsilon``, δ = 1e-5, record level), ``dataset_id``
+on first start; default the bundles' smallest ``target_epsilon``, δ = 1e-5, record level), ``patient_id_pattern``
+(at ``privacy_unit patient``: a regex finding the patient id in each image path; without it DICOM PatientID is
+read), ``dataset_id``
 (default ``monailabel-studies``), ``ledger`` (default ``<model_dir>/privacy_ledger.db``), ``skip_trainers``.
 See docs/monailabel.md.
 """

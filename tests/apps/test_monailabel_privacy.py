@@ -162,3 +162,10 @@ def test_patient_level_without_a_way_to_derive_ids_is_refused(tmp_path):
     s = _settings(tmp_path, privacy_unit="patient", patient_id_pattern=r"pat([0-9]+)")
     with pytest.raises(ValueError, match=r"a path matching patient_id_pattern 'pat\(\[0-9\]\+\)'.*--conf privacy_unit"):
         privacy.patient_ids(s, records)
+
+
+def test_a_record_level_ledger_refuses_a_patient_level_start(tmp_path):
+    privacy.register_budget(_settings(tmp_path))
+    with pytest.raises(ValueError, match=r"must be the budget recorded for dataset 'monailabel-studies', "
+                                         r"\(8, 1e-05, 'record'\), got \(8.0, 1e-05, 'patient'\)"):
+        privacy.register_budget(_settings(tmp_path, privacy_unit="patient", patient_id_pattern="(p[0-9]+)"))
