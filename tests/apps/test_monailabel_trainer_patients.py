@@ -65,3 +65,13 @@ def test_patient_level_overrides_carry_the_unit_and_pattern(tmp_path):
                                   c.key_train_handlers(): task.bundle_config.get(c.key_train_handlers(), [])})
     assert (out["privacy_unit"], out["patient_id_pattern"]) == ("patient", pattern)
     assert out["datalist"]["training"] == train
+
+
+def test_patient_level_dry_check_samples_patients_not_images(tmp_path):
+    # 4 training images of 2 patients, batch 1: q = 1/2 (one step: ε ≈ 3.53 at σ = 1), not 1/4 (ε ≈ 2.71)
+    from monai_dp.utils.errors import PrivacyBudgetExhaustedError
+
+    task = _task(tmp_path, privacy_unit="patient", patient_id_pattern=r"(pat[0-9]+)_", target_epsilon="3")
+    request = {"model": "dp_classification_2d", "val_split": 0.2, "noise_multiplier": 1.0, "batch_size": 1}
+    with pytest.raises(PrivacyBudgetExhaustedError, match=r"sample_rate = 0.5"):
+        task._check_budget(request, _Datastore(_records(tmp_path)))
