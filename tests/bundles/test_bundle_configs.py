@@ -200,3 +200,16 @@ def test_git_ignores_what_a_run_writes(name, tmp_path):
     ignored = subprocess.run(["git", "check-ignore", *outputs, "configs/metadata.json", "docs/README.md"], cwd=root,
                              capture_output=True, text=True).stdout
     assert sorted(ignored.split()) == sorted(outputs)
+
+
+# ------------------------------------------------------------------------------------------- metadata names
+@pytest.mark.parametrize("meta", [REPO / "bundles" / b / "configs" / "metadata.json" for b in BUNDLES]
+                         + [REPO / "tests" / "bundles" / "zoo_spleen" / "configs" / "metadata.json"],
+                         ids=lambda p: p.parent.parent.name)
+def test_metadata_uses_no_name_monai_deprecates(meta):
+    """MONAI warns on every run about (and renames) the ids in its DEPRECATED_ID_MAPPING."""
+    from monai.bundle.utils import DEPRECATED_ID_MAPPING
+
+    assert DEPRECATED_ID_MAPPING, "MONAI no longer deprecates any metadata id: drop this test"
+    meta_ids = set(json.loads(meta.read_text()))
+    assert not meta_ids & set(DEPRECATED_ID_MAPPING), f"rename {meta_ids & set(DEPRECATED_ID_MAPPING)} in {meta}"
