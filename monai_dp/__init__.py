@@ -20,3 +20,7 @@ Glossary (the words used in code, errors and docs; see docs/architecture.md):
 """
 
 __version__ = "0.1.0"
+
+from monai_dp.utils.logs import guard_opacus_logging as _guard_opacus_logging
+
+_guard_opacus_logging()  # Opacus' import configures the root logger; undo it so the user's basicConfig works

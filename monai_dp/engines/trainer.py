@@ -37,6 +37,7 @@ from monai_dp.engines.optimizer import (
     PrivateNoiseDistributedDPOptimizer,
     PrivateNoiseDPOptimizer,
 )
+from monai_dp.engines.run_log import RunLog
 from monai_dp.engines.setup import (
     item_chunks,
 )
@@ -132,6 +133,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
         patient_id_pattern: a regular expression searched in each record's image path for records without
             ``patient_key``: its group ``patient`` (or first group, or whole match) is the patient id.
             Without it, records without ids whose image is DICOM get the header's PatientID.
+        progress_interval: log a progress line (epoch, iteration, DP steps, seconds per iteration) every this many
+            iterations of an epoch; ``"auto"`` (default): once at least 30 s have passed since the epoch started or
+            the last line (long epochs only); ``None``: never (see :class:`~monai_dp.engines.run_log.RunLog`).
 
     The privacy budget (``trainer.privacy``) decides every step: the trainer asks it on ``ITERATION_STARTED``
     and stops gracefully (``state.dp_budget_exhausted``) before the step that would exceed it.
@@ -192,7 +196,9 @@ class DPSupervisedTrainer(SupervisedTrainer):
         initial_weights: str = "accounted",
         register_dataset: bool = False,
         patient_id_pattern: str | None = None,
+        progress_interval: int | str | None = "auto",
     ) -> None:
+        run_log = RunLog(progress_interval)
         patient_ids = resolve_patient_ids(train_data_loader, patient_key, patient_ids, patient_id_pattern)
         args = locals()
         setup = build_dp_setup(
@@ -224,6 +230,7 @@ class DPSupervisedTrainer(SupervisedTrainer):
         self.initial_weights_check = InitialWeightsCheck(self.network, initial_weights, privacy_history)
         if setup.optimizer.secure_mode:
             self.add_event_handler(Events.EPOCH_STARTED, self._reseed_sampler)
+        run_log.attach(self)  # after every handler given: it reports what a CheckpointLoader restored
         self.logger.info(self.privacy.describe())
 
     def _own_handlers(self, train_handlers: Sequence | None, ledger: Any) -> list:
@@ -408,6 +415,12 @@ class DPSupervisedTrainer(SupervisedTrainer):
         to this sum.
         """
         losses, preds, total = [], [], None
+        if not self.clipper.decided:
+            self.logger.info(
+                "grad_sample_mode='auto': timing ghost clipping against per-sample gradients on the first batch "
+                "(%d items) to keep the faster, and checking that they agree; this first step takes about one step "
+                "of each plus one of the faster (grad_sample_mode='ghost' or 'per_sample' skips this).",
+                chunks[0][1] - chunks[0][0])
         for first_item, last_item, r0, r1 in chunks:
             rows = groups[r0:r1] - first_item
             out = self.clipper.clipped_sum(x[r0:r1], y[r0:r1], rows, last_item - first_item,

@@ -150,14 +150,7 @@ class PerSampleGradients:
         ctx = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         row_grads = None
         if self.method == "auto":
-            try:
-                row_grads, losses, preds = self._vmap_grad(trainable, inputs, targets, ctx)
-            except Exception as e:  # noqa: BLE001 - any failure: use the method that works with every loss
-                logger.info("Per-sample gradients: vmap(grad) failed (%s: %s); using expanded weights.",
-                            type(e).__name__, str(e).splitlines()[0][:120])
-                self.method = "expanded"
-            else:
-                self.method = "vmap_grad"
+            row_grads, losses, preds = self._choose_method(trainable, inputs, targets, ctx)
         elif self.method == "vmap_grad":
             row_grads, losses, preds = self._vmap_grad(trainable, inputs, targets, ctx)
         if row_grads is None:
@@ -186,6 +179,25 @@ class PerSampleGradients:
         grads, losses, preds = self(inputs, targets, groups, num_items, amp_dtype)
         summed, norms = clip_and_sum(grads, self.trainable(), c)
         return ClippedSum(summed, norms.detach(), losses, preds)
+
+    def _choose_method(self, trainable, inputs, targets, ctx):
+        """``"auto"``, first call: ``vmap(grad)`` where it runs, else expanded weights (which run every loss).
+
+        ``vmap(grad)`` is tried on one row first: a loss it cannot batch (MONAI's Dice family: ``one_hot`` scatters
+        in place) fails there at the cost of one row, not of a whole batch's forward pass. Returns this batch's
+        ``(row_grads, losses, preds)`` from ``vmap(grad)``, or ``(None, None, None)`` to use expanded weights.
+        """
+        try:
+            self._vmap_grad(trainable, inputs[:1], None if targets is None else targets[:1], ctx)
+            result = self._vmap_grad(trainable, inputs, targets, ctx)
+        except Exception as e:  # noqa: BLE001 - any failure: use the method that works with every loss
+            logger.debug("vmap(grad) raised %s: %s", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            logger.info("Per-sample gradients: expanded weights (vmap does not support this network or loss).")
+            self.method = "expanded"
+            return None, None, None
+        logger.info("Per-sample gradients: vmap(grad).")
+        self.method = "vmap_grad"
+        return result
 
     def _expanded(self, trainable, inputs, targets, ctx):
         """Expanded weights: one batched forward (each row alone), the loss per row outside ``vmap``."""
