@@ -92,6 +92,12 @@ class AutoClipper:
         ghost: the :class:`~monai_dp.networks.GhostClipping` engine, ``None`` once per-sample gradients are used.
         decided: whether the engine is settled (``"auto"``: after the first call).
         timings: ``{"ghost": s, "per_sample": s}`` measured by ``"auto"`` on its first call, else ``None``.
+        items_seen: items whose clipped gradient :meth:`clipped_sum` returned so far (all calls; the first call's
+            timing and cross-check in ``"auto"`` mode are not counted twice).
+        items_clipped: of those, the items whose gradient norm exceeded the bound, i.e. whose gradient was scaled
+            down (``||g_i|| + 1e-6 > C``, the clip factor is below 1). ``items_clipped / items_seen`` over an epoch
+            is the fraction of clipped items that :class:`~monai_dp.handlers.PrivacyMetricsHandler` publishes with
+            ``clipped_fraction_key``. Both are exact counts of the data, outside the (ε, δ) guarantee.
     """
 
     def __init__(self, network: nn.Module, loss_function: Callable, inferer: Callable | None = None,
@@ -109,6 +115,8 @@ class AutoClipper:
                 logger.info("Per-sample gradients (ghost clipping does not support: %s).", _first_line(err))
         self.decided = self.mode != "auto" or self.ghost is None
         self.timings: dict[str, float] | None = None
+        self.items_seen = 0
+        self.items_clipped = 0
 
     @property
     def engine(self) -> GhostClipping | PerSampleGradients:
@@ -155,9 +163,10 @@ class AutoClipper:
         check_positive("max_grad_norm", max_grad_norm)
         if not self.decided:
             self._decide(inputs, targets, groups, num_items, max_grad_norm, amp_dtype)
+        out = None
         if self.ghost is not None:
             try:
-                return self.ghost.clipped_sum(inputs, targets, groups, num_items, max_grad_norm, amp_dtype)
+                out = self.ghost.clipped_sum(inputs, targets, groups, num_items, max_grad_norm, amp_dtype)
             except DPIncompatibleModuleError as err:
                 if self.mode != "auto":
                     raise
@@ -165,7 +174,15 @@ class AutoClipper:
                             _first_line(err))
                 self.ghost = None
                 self.decided = True
-        return self.per_sample.clipped_sum(inputs, targets, groups, num_items, max_grad_norm, amp_dtype)
+        if out is None:
+            out = self.per_sample.clipped_sum(inputs, targets, groups, num_items, max_grad_norm, amp_dtype)
+        self._count_clipped(out.norms, max_grad_norm)
+        return out
+
+    def _count_clipped(self, norms: torch.Tensor, max_grad_norm: float) -> None:
+        """Add this batch's items to ``items_seen`` and those whose clip factor is below 1 to ``items_clipped``."""
+        self.items_seen += int(norms.numel())
+        self.items_clipped += int((norms.detach().float() + 1e-6 > max_grad_norm).sum())
 
     def _decide(self, inputs, targets, groups, num_items, max_grad_norm, amp_dtype) -> None:
         """``"auto"``: time both engines on this batch, compare their clipped sums, keep the faster.
