@@ -1,7 +1,10 @@
-"""Federated DP on NVIDIA FLARE's simulator (a real server and real client processes): 2 sites, 3 rounds.
+"""Federated DP on NVIDIA FLARE's simulator (a real server and real client processes): 3 sites, 3 rounds, then the
+same job submitted again (a new simulator run: new server and client processes) on the same site folders and ledgers.
 
-site-1 plans σ for ε = 8 over the 3 rounds; site-2 trains at σ = 1 with a budget that runs out during round 1:
-it stops there, says so, and the server goes on with site-1 alone.
+site-1 plans σ for ε = 8 over the 3 rounds; site-2 trains at patient level at σ = 1 with a budget that runs out
+during round 1: it stops there, says so, and the server goes on without it; site-3 trains at σ = 1 with a budget
+for 4 rounds. The resubmitted job continues every site's accounting: site-3 trains one more round and its budget
+is spent, site-1 and site-2 (spent in the first job) take no step and their ε stays as it was.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROUNDS = 3
 DELTA = 1e-5
-SIGMA_2 = 1.0
+SIGMA = 1.0  # site-2's and site-3's noise multiplier (given, not planned)
 N_TRAIN = 28  # ITEMS = 40 records less the bundle's validation (20 %) and test (10 %) splits; checked below
-STEPS_PER_ROUND = N_TRAIN // BATCH
+N_PATIENTS = 14  # two records per synthetic patient; site-2's training patients, checked below
+BATCH_2 = 4  # site-2's batch (of patients): q = 4 / 14, 3 steps per round like the record-level sites
+STEPS_PER_ROUND = int(N_TRAIN / BATCH)  # the Poisson loader's steps per epoch: int(1 / q)
+SITES = ("site-1", "site-2", "site-3")
+FOLDERS = {"site-1": ("a", 1), "site-2": ("b", 2), "site-3": ("c", 3)}  # data folder, seed
 
 
 def _allowed_steps(sigma: float, q: float, target: float) -> int:
@@ -40,36 +47,72 @@ def _allowed_steps(sigma: float, q: float, target: float) -> int:
     return n
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("federation")
-    q = BATCH / N_TRAIN
-    # site-2's budget: halfway between the ε of 4 and 5 steps at σ = 1, so 4 steps fit (3 in round 0, 1 in round 1)
-    target_2 = (pld_epsilon(SIGMA_2, q, 4, DELTA) + pld_epsilon(SIGMA_2, q, 5, DELTA)) / 2
-    sites = {
-        "site-1": {"target_epsilon": 8.0, "dataset_id": "hospital-a", "ledger": str(tmp / "a" / "ledger.db"),
-                   "output_dir": str(tmp / "a" / "out"), "overrides": site_overrides(tmp / "a" / "data", seed=1)},
-        "site-2": {"target_epsilon": target_2, "dataset_id": "hospital-b", "ledger": str(tmp / "b" / "ledger.db"),
-                   "output_dir": str(tmp / "b" / "out"),
-                   "overrides": {**site_overrides(tmp / "b" / "data", seed=2), "noise_multiplier": SIGMA_2}},
-    }
-    (tmp / "sites.json").write_text(json.dumps(sites))
-    cmd = [sys.executable, "-m", "monai_dp.fl.job", "--bundle_root", str(BUNDLE), "--sites", "site-1", "site-2",
+def _between(sigma: float, q: float, steps: int) -> float:
+    """A budget halfway between the ε of ``steps`` and ``steps + 1`` steps: exactly ``steps`` fit."""
+    return (pld_epsilon(sigma, q, steps, DELTA) + pld_epsilon(sigma, q, steps + 1, DELTA)) / 2
+
+
+def _simulate(tmp, workspace):
+    cmd = [sys.executable, "-m", "monai_dp.fl.job", "--bundle_root", str(BUNDLE), "--sites", *SITES,
            "--num_rounds", str(ROUNDS), "--site_config", str(tmp / "sites.json"),
-           "--network_overrides", json.dumps({"network_def#network": NETWORK}), "--workspace", str(tmp / "ws")]
+           "--network_overrides", json.dumps({"network_def#network": NETWORK}), "--workspace", str(workspace)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, check=False, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    report = json.loads((tmp / "ws" / "dp_fedavg" / "server" / "simulate_job" / "federation_report.json").read_text())
-    return {"tmp": tmp, "sites": sites, "report": report, "q": q}
+    return json.loads((workspace / "dp_fedavg" / "server" / "simulate_job" / "federation_report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("federation")
+    q, q_2 = BATCH / N_TRAIN, BATCH_2 / N_PATIENTS
+
+    def site(key, target, **overrides):
+        folder, seed = FOLDERS[key]
+        return {"target_epsilon": target, "dataset_id": f"hospital-{folder}", "ledger": str(tmp / folder / "ledger.db"),
+                "output_dir": str(tmp / folder / "out"),
+                "overrides": {**site_overrides(tmp / folder / "data", seed=seed), **overrides}}
+
+    sites = {
+        "site-1": site("site-1", 8.0),
+        # 4 patient-level steps fit: 3 in round 0, 1 in round 1
+        "site-2": site("site-2", _between(SIGMA, q_2, 4), noise_multiplier=SIGMA, privacy_unit="patient",
+                       batch_size=BATCH_2),
+        # 12 steps fit: the 3 rounds of the first job and 1 round of the second
+        "site-3": site("site-3", _between(SIGMA, q, 4 * STEPS_PER_ROUND), noise_multiplier=SIGMA),
+    }
+    (tmp / "sites.json").write_text(json.dumps(sites))
+    report = _simulate(tmp, tmp / "ws")
+    return {"tmp": tmp, "sites": sites, "report": report, "q": q, "q_2": q_2}
+
+
+@pytest.fixture(scope="module")
+def resubmitted(federation):
+    """The same job submitted again after the first (a new simulator run: new server and client processes) with
+    the same site configuration: the same output folders (saved accounting) and ledgers."""
+    return _simulate(federation["tmp"], federation["tmp"] / "ws_resubmitted")
 
 
 def test_each_site_trains_from_its_own_records_at_the_planned_rate(federation):
-    tmp = federation["tmp"]
-    for site, folder, seed in (("site-1", "a", 1), ("site-2", "b", 2)):
+    tmp, report = federation["tmp"], federation["report"]
+    for site in ("site-1", "site-3"):
+        folder, seed = FOLDERS[site]
         n = len(training_records(tmp / folder / "data", seed=seed))
         assert n == N_TRAIN
-        assert federation["report"]["sites"][site]["privacy"]["sample_rate"] == pytest.approx(BATCH / n, rel=1e-12)
+        assert report["sites"][site]["privacy"]["sample_rate"] == pytest.approx(BATCH / n, rel=1e-12)
+        assert report["sites"][site]["privacy"]["unit"] == "record"
+
+
+def test_a_patient_level_site_samples_patients(federation):
+    """site-2's q is its batch over its distinct patients (read from its data), not over its records."""
+    tmp, report = federation["tmp"], federation["report"]
+    records = training_records(tmp / "b" / "data", seed=2)
+    patients = {r["patient_id"] for r in records}
+    assert len(patients) == N_PATIENTS < len(records)  # patients with more than one record
+    privacy = report["sites"]["site-2"]["privacy"]
+    assert privacy["unit"] == "patient"
+    assert privacy["sample_rate"] == pytest.approx(BATCH_2 / len(patients), rel=1e-12)
+    assert privacy["sample_rate"] != pytest.approx(BATCH_2 / len(records), rel=1e-3)
 
 
 def test_site_epsilon_after_every_round_is_the_pld_of_its_history(federation):
@@ -82,26 +125,54 @@ def test_site_epsilon_after_every_round_is_the_pld_of_its_history(federation):
         assert site_1["history"] == [[sigma, q, steps]] and site_1["rounds_done"] == r + 1
         assert site_1["epsilon"] == pytest.approx(pld_epsilon(sigma, q, steps, DELTA), rel=0.02)
         eps.append(site_1["epsilon"])
+        site_3 = report["rounds"][r]["sites"]["site-3"]
+        assert site_3["history"] == [[SIGMA, q, steps]] and not site_3["budget_exhausted"]
     assert eps[0] < eps[1] < eps[2] <= 8.0
     assert eps[2] > 7.0  # σ was planned for the 3 rounds: the budget is (nearly) used, not a third of it
     assert report["sites"]["site-1"]["privacy"]["ledger"] == federation["sites"]["site-1"]["ledger"]
 
 
 def test_a_site_whose_budget_is_spent_stops_at_the_right_round_and_the_others_go_on(federation):
-    report, q = federation["report"], federation["q"]
+    report, q_2 = federation["report"], federation["q_2"]
     target = federation["sites"]["site-2"]["target_epsilon"]
-    allowed = _allowed_steps(SIGMA_2, q, target)
-    stop_round = (allowed - 1) // STEPS_PER_ROUND
-    assert (allowed, stop_round) == (4, 1)
+    allowed = _allowed_steps(SIGMA, q_2, target)
+    steps_per_round_2 = int(1 / q_2)
+    stop_round = (allowed - 1) // steps_per_round_2
+    assert (allowed, steps_per_round_2, stop_round) == (4, 3, 1)  # it stops within round 1
     site_2 = report["sites"]["site-2"]
     assert site_2["stopped_at_round"] == stop_round and report["stopped"]["site-2"] == stop_round
-    assert site_2["privacy"]["history"] == [[SIGMA_2, q, allowed]]
-    assert site_2["privacy"]["epsilon"] == pytest.approx(pld_epsilon(SIGMA_2, q, allowed, DELTA), rel=0.02)
+    assert site_2["privacy"]["history"] == [[SIGMA, pytest.approx(q_2, rel=1e-12), allowed]]
+    assert site_2["privacy"]["epsilon"] == pytest.approx(pld_epsilon(SIGMA, q_2, allowed, DELTA), rel=0.02)
     assert site_2["privacy"]["epsilon"] <= target and site_2["privacy"]["budget_exhausted"]
     aggregated = [sorted(r["aggregated"]) for r in report["rounds"]]
-    assert aggregated == [["site-1", "site-2"], ["site-1", "site-2"], ["site-1"]]
+    assert aggregated == [list(SITES), list(SITES), ["site-1", "site-3"]]
     assert report["rounds_run"] == ROUNDS and report["finished"] and report["left_early"] == ["site-2"]
     assert "site-2" not in report["rounds"][2]["sites"]
+
+
+def test_a_resubmitted_job_continues_every_sites_accounting(federation, resubmitted):
+    """New server and client processes on the same site folders and ledgers: no site starts again from ε = 0."""
+    first, q = federation["report"], federation["q"]
+    site_3 = resubmitted["sites"]["site-3"]["privacy"]
+    steps = (ROUNDS + 1) * STEPS_PER_ROUND  # the first job's 3 rounds and this job's first round
+    assert site_3["history"] == [[SIGMA, q, steps]] and site_3["rounds_done"] == ROUNDS + 1
+    assert site_3["noise_multiplier"] == first["sites"]["site-3"]["privacy"]["noise_multiplier"]
+    assert site_3["epsilon"] == pytest.approx(pld_epsilon(SIGMA, q, steps, DELTA), rel=0.02)
+    assert site_3["epsilon"] > first["sites"]["site-3"]["privacy"]["epsilon"]
+    # its budget allowed exactly those steps: spent after this round, like the other two, so the job ends
+    assert site_3["budget_exhausted"] and site_3["epsilon"] <= federation["sites"]["site-3"]["target_epsilon"]
+    assert [sorted(r["aggregated"]) for r in resubmitted["rounds"]] == [["site-3"]]
+    assert resubmitted["rounds_run"] == 1 and resubmitted["stopped"] == {s: 0 for s in SITES}
+
+
+def test_a_site_whose_budget_was_spent_does_not_train_in_a_resubmitted_job(federation, resubmitted):
+    first = federation["report"]
+    for site in ("site-1", "site-2"):  # both spent their budgets in the first job
+        before, after = first["sites"][site]["privacy"], resubmitted["rounds"][0]["sites"][site]
+        assert before["budget_exhausted"] and after["budget_exhausted"]
+        assert after["history"] == before["history"] and after["steps"] == before["steps"]
+        assert after["epsilon"] == before["epsilon"] and after["noise_multiplier"] == before["noise_multiplier"]
+        assert site not in resubmitted["rounds"][0]["aggregated"]
 
 
 def _tensorboard_scalars(folder, tag):
@@ -122,7 +193,7 @@ def test_the_server_writes_every_sites_epsilon_per_round_to_tensorboard(federati
 
     report = federation["report"]
     tb = federation["tmp"] / "ws" / "dp_fedavg" / "server" / "simulate_job" / TB_FOLDER
-    expected = {"site-1": [0, 1, 2], "site-2": [0, 1]}  # site-2 leaves after round 1
+    expected = {"site-1": [0, 1, 2], "site-2": [0, 1], "site-3": [0, 1, 2]}  # site-2 leaves after round 1
     assert sorted(p.name for p in tb.iterdir()) == sorted(expected)
     for site, rounds in expected.items():
         eps = _tensorboard_scalars(tb / site, EPSILON_TAG)
