@@ -69,8 +69,8 @@ def secure_result(result: Any, noise: Any, debug_dir: str | None = None, site: s
     result.meta.pop(FLMetaKey.NUM_STEPS_CURRENT_ROUND, None)
     if not result.params:
         return result
-    noised, norm = noise.privatize({k: torch.as_tensor(v) for k, v in result.params.items()})
-    report["update_norm"] = norm
+    # the norm before clipping stays at the site: it is not covered by the noise
+    noised, _ = noise.privatize({k: torch.as_tensor(v) for k, v in result.params.items()})
     result.params = noised
     if debug_dir:  # tests only: the noised update, in the clear, in a folder of the site's
         folder = os.path.join(debug_dir, site)
