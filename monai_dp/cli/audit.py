@@ -19,11 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["array_recipe", "main", "parse_overrides"]
+from monai_dp.cli import DefaultsHelpFormatter
+
+__all__ = ["EXIT_INTERRUPTED", "array_recipe", "main", "parse_overrides"]
+
+EXIT_INTERRUPTED = 130  # as the shell reports a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="monai-dp audit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="monai-dp audit", description="Patient-level LiRA audit of a DP (or non-DP) "
+                                "training recipe, with a report.",
+                                formatter_class=DefaultsHelpFormatter,
+                                epilog="The recipe defaults (--epochs, --lr, --momentum, --width, --batch-size) are "
+                                       "the recipe of the measured audits in docs/audit.md. Ctrl-C stops the audit "
+                                       "(exit code 130); rerunning the same command resumes it.")
     p.add_argument("--out", required=True, help="folder for models, CSVs, figures and the report")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--npz", help="images (N,C,H,W), labels (N,), patient_ids (N,), optional meta_<column>")
@@ -39,19 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=6, help="synthetic data: most records of one patient")
     p.add_argument("--mean-records", type=float, default=1 / 0.45,
                    help="synthetic data: mean records per patient before the cap (geometric)")
-    p.add_argument("--num-models", type=int, default=64)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--num-models", type=int, default=64, help="models trained, each on a random half of the patients")
+    p.add_argument("--workers", type=int, default=1, help="models trained at a time, in separate processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the halves (and of the synthetic data)")
+    p.add_argument("--epochs", type=int, default=30, help="recipe: training epochs of each model")
+    p.add_argument("--batch-size", type=int, default=64, help="recipe: expected batch size")
+    p.add_argument("--lr", type=float, default=0.1, help="recipe: SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="recipe: SGD momentum")
+    p.add_argument("--width", type=int, default=32, help="recipe: channels of the small GroupNorm CNN")
     p.add_argument("--no-dp", action="store_true", help="audit the same recipe without DP")
-    p.add_argument("--target-epsilon", type=float, default=8.0)
-    p.add_argument("--noise-multiplier", type=float, default=None)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--privacy-unit", choices=["record", "patient"], default="record")
+    p.add_argument("--target-epsilon", type=float, default=8.0, help="ε each model is trained to (σ calibrated)")
+    p.add_argument("--noise-multiplier", type=float, default=None,
+                   help="σ instead of --target-epsilon (the self-audit's default: 1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip norm C")
+    p.add_argument("--privacy-unit", choices=["record", "patient"], default="record",
+                   help="what each model's DP protects")
     p.add_argument("--percentile", type=float, default=99.0, help="vulnerable tail for the subgroup test")
     return p
 
@@ -101,6 +112,15 @@ def array_recipe(args: argparse.Namespace, data: dict):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"monai-dp audit: interrupted; the models finished so far are kept in {args.out}: rerun the same "
+              "command to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.bundle:
         return _bundle_audit(args)
     if args.self_audit:

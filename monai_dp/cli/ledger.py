@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--ledger", required=True, help="the ledger file (its folder must exist)")
         if dataset:
-            p.add_argument("--dataset-id", required=dataset_required, help="the data set (default: all)")
+            p.add_argument("--dataset-id", required=dataset_required,
+                           help="the data set" if dataset_required else "the data set (default: all data sets)")
         return p
 
     init = command("init", "register a data set and its total budget (ε, δ)", dataset_required=True)
