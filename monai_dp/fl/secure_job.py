@@ -360,23 +360,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="dp_secure_fedavg")
     parser.add_argument("--noise_seed", type=int, default=None, help="tests only")
     parser.add_argument("--debug_dir", default=None, help="tests only: sites write their noised updates in the clear")
+    parser.add_argument("--export_job", action="store_true",
+                        help="write the NVFlare job folder under --workspace (for provisioned sites: the startup kits "
+                             "hold the contexts, nvflare.lighter.impl.he.HEBuilder) instead of simulating")
     args = parser.parse_args(argv)
-    client_context = provision_simulation(args.workspace, args.name)
+    from nvflare.lighter.impl.he import HEBuilder
+
     from monai_dp.fl.secure import measure_ckks_error
 
-    with open(client_context, "rb") as f:
-        context = ts.context_from(f.read())
+    if args.export_job:  # the error depends on the CKKS parameters and the values, not on the key: measure it here
+        builder = HEBuilder()
+        builder.initialize(None, None)
+        client_context, context = CLIENT_CONTEXT, ts.context_from(builder.get_serialized_context(is_client=True))
+    else:
+        client_context = provision_simulation(args.workspace, args.name)
+        with open(client_context, "rb") as f:
+            context = ts.context_from(f.read())
     noise = DistributedNoise(len(args.sites), args.clip_norm, args.noise_multiplier, args.min_sites,
                              args.target_epsilon, args.target_delta, args.num_rounds, args.accountant)
     # values of the size the sites encrypt (|clipped coordinate| <= C, plus the share's noise): the error grows with it
     ckks_error = measure_ckks_error(context, len(args.sites), value_std=noise.clip_norm + noise.share_std)
-    recipe = secure_fedavg_recipe(
+    import importlib
+
+    # the job's classes by their module path (not __main__'s copies), as NVFlare writes them into the job
+    job_module = importlib.import_module("monai_dp.fl.secure_job")
+    recipe = job_module.secure_fedavg_recipe(
         args.bundle_root, args.sites, args.num_rounds, args.clip_norm, noise.noise_multiplier, args.target_epsilon,
         args.min_sites, args.target_delta, args.accountant, args.local_epochs, args.config_file, args.site_config,
         json.loads(args.network_overrides) if args.network_overrides else None, name=args.name,
         client_context=client_context, ckks_error=ckks_error, workdir=args.workspace, noise_seed=args.noise_seed,
         debug_dir=args.debug_dir)
-    print(run_secure_simulation(recipe, args.sites, args.workspace))
+    if args.export_job:
+        recipe.export(os.path.abspath(args.workspace))
+        print(os.path.join(os.path.abspath(args.workspace), args.name))
+        return 0
+    print(job_module.run_secure_simulation(recipe, args.sites, args.workspace))
     return 0
 
 
