@@ -107,10 +107,11 @@ def table(rows: list[dict], sites: int) -> str:
     head = ("| network (bundle) | params | tensors | plain up / site | encrypted up / site | encrypted down | "
             f"expansion | plain sum of {sites} (s) | site: clip+noise+encrypt (s) | server: add {sites} ciphertexts "
             "(s) | site: decrypt (s) | max error of the sum |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
-            f"| {r['network']} ({r['bundle']}) | {r['params']:,} | {r['tensors']} | {r['plain_bytes_per_site'] / 1e6:.2f} MB "
+            f"| {r['network']} ({r['bundle']}) | {r['params']:,} | {r['tensors']} "
+            f"| {r['plain_bytes_per_site'] / 1e6:.2f} MB "
             f"| {r['cipher_bytes_per_site'] / 1e6:.1f} MB | {r['cipher_bytes_down'] / 1e6:.1f} MB "
             f"| {r['cipher_bytes_per_site'] / r['plain_bytes_per_site']:.0f}x | {r['plain_aggregate_s']:.3f} "
             f"| {r['site_clip_noise_encrypt_s']:.1f} | {r['server_aggregate_s']:.1f} | {r['decrypt_s']:.1f} "

@@ -57,10 +57,9 @@ def secure_result(result: Any, noise: Any, debug_dir: str | None = None, site: s
     """The FLModel ``result`` with its update clipped and noised (float64), and the aggregate-level report in its
     meta; an empty update (no step this round) stays empty: the site is not part of the round's sum."""
     import torch
+    from nvflare.apis.fl_constant import FLMetaKey
 
     from monai_dp.fl.algo import FLPrivacyKeys
-
-    from nvflare.apis.fl_constant import FLMetaKey
 
     report = noise.report()
     result.meta[SECURE_KEY] = report

@@ -1,4 +1,4 @@
-"""Secure aggregation with distributed DP noise on NVIDIA FLARE, with NVFlare's own homomorphic encryption (TenSEAL CKKS).
+"""Secure aggregation with distributed DP noise on NVIDIA FLARE, with NVFlare's homomorphic encryption (TenSEAL CKKS).
 
 The job is NVFlare's HE FedAvg layout (``nvflare.app_opt.he``): sites encrypt their result with ``HEModelEncryptor``
 (a task-result filter) and decrypt the global model with ``HEModelDecryptor`` (a task-data filter); the server runs
@@ -41,7 +41,9 @@ from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
-from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
+from nvflare.app_opt.he.intime_accumulate_model_aggregator import (
+    HEInTimeAccumulateWeightedAggregator,
+)
 
 from monai_dp.fl.algo import FLPrivacyKeys
 from monai_dp.fl.secure import DistributedNoise
@@ -52,7 +54,8 @@ __all__ = ["CLIENT_CONTEXT", "SERVER_CONTEXT", "SecureScatterAndGather", "Secure
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "secure_client.py")
 SERVER_CONTEXT, CLIENT_CONTEXT = "server_context.tenseal", "client_context.tenseal"  # NVFlare's provisioning names
-SECURE_CLASS_ALLOW_LIST = ("monai_dp.fl.secure_job.SecureScatterAndGather", "monai_dp.fl.secure_job.SecureSumAggregator")
+SECURE_CLASS_ALLOW_LIST = ("monai_dp.fl.secure_job.SecureScatterAndGather",
+                           "monai_dp.fl.secure_job.SecureSumAggregator")
 
 
 class SecureSumAggregator(HEInTimeAccumulateWeightedAggregator):
@@ -235,7 +238,8 @@ def _client_args(bundle_root: str, num_rounds: int, local_epochs: int, config_fi
                  workdir: str | None, secure: dict, debug_dir: str | None) -> str:
     args = ["--bundle_root", bundle_root, "--num_rounds", str(num_rounds), "--local_epochs", str(local_epochs),
             "--num_sites", str(secure["num_sites"]), "--min_sites", str(secure["min_sites"]),
-            "--clip_norm", repr(float(secure["clip_norm"])), "--noise_multiplier", repr(float(secure["noise_multiplier"])),
+            "--clip_norm", repr(float(secure["clip_norm"])),
+            "--noise_multiplier", repr(float(secure["noise_multiplier"])),
             "--target_delta", repr(float(secure["target_delta"])), "--accountant", secure["accountant"],
             "--config_file", *config_file]
     if secure.get("noise_seed") is not None:
