@@ -134,7 +134,19 @@ def training_output_readers(parser, trainer: dict) -> list[str]:
             problems.append(f"{target} reads the trainer's output (`output_transform`)")
         if isinstance(cls, type) and issubclass(cls, (Metric, IgniteMetricHandler)):
             problems.append(f"{target} is a metric on training batches")
+        if h.get("clipped_fraction_key") and not _disabled(parser, h):
+            problems.append(f"{target} publishes the fraction of clipped items (`clipped_fraction_key`)")
     return problems
+
+
+def _disabled(parser, handler: dict) -> bool:
+    """A handler's ``_disabled_`` flag as MONAI evaluates it (expressions such as ``$not @flag`` included)."""
+    from monai.bundle import ConfigParser
+
+    flag = handler.get("_disabled_", False)
+    if isinstance(flag, str) and flag.startswith("$"):
+        return bool(ConfigParser({**parser.get(), "_disabled_check": flag}).get_parsed_content("_disabled_check"))
+    return flag.lower().strip() == "true" if isinstance(flag, str) else bool(flag)
 
 
 def _ids(val):
@@ -232,3 +244,16 @@ def test_default_validation_and_test_splits_hold_no_training_record_or_patient(n
         assert splits[split], split
         assert not images & {r["image"] for r in splits[split]}, split
         assert not patients & {r["patient_id"] for r in splits[split]}, split
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_the_clipped_fraction_is_logged_only_when_asked(name):
+    """`--log_clipped_fraction true` turns on an exact (not noised) count in the logs; the checker names it."""
+    parser = _parser(name, ["train.json"])
+    assert parser.get("log_clipped_fraction") is False
+    parser["log_clipped_fraction"] = True
+    problems = training_output_readers(parser, _trainers(parser)["train#trainer"])
+    assert problems == ["monai_dp.handlers.PrivacyMetricsHandler publishes the fraction of clipped items "
+                        "(`clipped_fraction_key`)"]
+    handlers = [h for h in _handlers(parser, "@train#handlers") if h.get("clipped_fraction_key")]
+    assert [h["clipped_fraction_key"] for h in handlers] == ["dp_clipped_fraction_NOT_PRIVATE"]
