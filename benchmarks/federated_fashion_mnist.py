@@ -43,7 +43,8 @@ BUNDLE = REPO / "bundles" / "dp_classification_2d"
 CONFIGS = ["configs/train.json", "configs/fashion_mnist.json"]
 SITES = ["site-1", "site-2", "site-3"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import read_idx  # the idx reader of the central Fashion-MNIST benchmark
+# the idx reader of the central Fashion-MNIST benchmark
+from fashion_mnist import read_idx
 
 
 def split_sites(labels: np.ndarray, alpha: float | None, seed: int, n_sites: int = len(SITES)) -> list[np.ndarray]:
@@ -101,7 +102,7 @@ def test_scorer(images: np.ndarray, labels: np.ndarray):
     def score(weights_file: Path) -> float:
         net = _parser().get_parsed_content("network_def")
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"] if "model" in state else state)
+        net.load_state_dict(state.get("model", state))
         net.eval()
         with torch.no_grad():
             pred = torch.cat([net(x[i : i + 2000]).argmax(1) for i in range(0, len(x), 2000)])
