@@ -8,7 +8,6 @@ bound the run's guarantee implies; :func:`write_report` writes CSVs, ``summary.j
 from __future__ import annotations
 
 import csv
-import html
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from monai_dp.audit.bounds import tradeoff_curve
+from monai_dp.audit.markdown_html import markdown_to_html
 from monai_dp.audit.mia import (
     above_bound_test,
     lira_record_stats,
@@ -26,9 +26,10 @@ from monai_dp.audit.mia import (
 )
 from monai_dp.privacy.pld import Mechanism
 
-__all__ = ["analyse", "write_report"]
+__all__ = ["analyse", "roc_on_log_axes", "write_report"]
 
 FPRS = (0.001, 0.01)
+ROC_FLOOR = 1e-5  # where FPR and TPR of 0 are drawn on the ROC plot's log axes
 ALPHA = 0.05  # family-wise error rate of the "significantly above the bound" verdict
 
 
@@ -82,8 +83,13 @@ def _plots(res: dict, folder: Path) -> list[str]:
     fig.savefig(folder / "patient_auc_survival.png", dpi=120)
     names.append("patient_auc_survival.png")
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.loglog(np.maximum(res["aggregate"]["fpr"], 1e-5), np.maximum(res["aggregate"]["tpr"], 1e-5))
-    ax.plot([1e-5, 1], [1e-5, 1], color="grey", ls=":")
+    x, y, at_floor = roc_on_log_axes(res["aggregate"]["fpr"], res["aggregate"]["tpr"])
+    ax.loglog(x, y)
+    if at_floor.any():
+        ax.plot(x[at_floor], y[at_floor], "v", color="tab:red", ms=4,
+                label=f"TPR = 0, drawn at {ROC_FLOOR:g} (log axes)")
+        ax.legend(loc="upper left", fontsize="small")
+    ax.plot([ROC_FLOOR, 1], [ROC_FLOOR, 1], color="grey", ls=":")
     ax.set(xlabel="FPR", ylabel="TPR", title=f"standard protocol, AUC {res['aggregate']['auc']:.3f}")
     fig.tight_layout()
     fig.savefig(folder / "aggregate_roc.png", dpi=120)
@@ -100,6 +106,13 @@ def _plots(res: dict, folder: Path) -> list[str]:
     return names
 
 
+def roc_on_log_axes(fpr, tpr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC points drawn on log axes: FPR and TPR floored at :data:`ROC_FLOOR`, and which points have TPR = 0
+    (drawn at the floor, where a plain line would read as a measured TPR of ``ROC_FLOOR``)."""
+    fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+    return np.maximum(fpr, ROC_FLOOR), np.maximum(tpr, ROC_FLOOR), (tpr <= 0) & (fpr > 0)
+
+
 def _csv(path: Path, columns: dict) -> None:
     keys = list(columns)
     with open(path, "w", newline="") as f:
@@ -112,8 +125,9 @@ def _csv(path: Path, columns: dict) -> None:
 def _markdown(res: dict, figures: list[str]) -> str:
     pat, agg, b = res["patient"], res["aggregate"], res["bound"]
     lines = [f"# Privacy audit ({res['unit']}-level training)", "",
-             f"{res['num_models']} models, {res['num_records']} records of {res['num_patients']} patients.", "",
-             "| measure | value |", "|---|---|",
+             f"{res['num_models']} models, {res['num_records']} records of {res['num_patients']} patients.", ""]
+    lines += _verdict(res)
+    lines += ["| measure | value |", "|---|---|",
              f"| aggregate MIA AUC (one target model) | {agg['auc']:.3f} |"]
     lines += [f"| aggregate TPR at FPR {f:g} | {t:.4f} |" for f, t in agg["tpr_at_fpr"].items()]
     lines += [f"| median / max patient AUC | {np.median(pat['auc']):.3f} / {pat['auc'].max():.3f} |",
@@ -156,6 +170,34 @@ def _markdown(res: dict, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _verdict(res: dict) -> list[str]:
+    """The two verdicts side by side: the most exposed patient against the bound, and the patients above it."""
+    pat, b = res["patient"], res["bound"]
+    worst = int(np.argmax(pat["auc"]))
+    auc, se = float(pat["auc"][worst]), float(pat["auc_se"][worst])
+    exposed = f"{pat['patient_id'][worst]} ({pat['num_records'][worst]} records): AUC {auc:.3f} ± {se:.3f} (SE)"
+    if not b:
+        return ["## Verdict", "", "| most exposed patient | patients above a bound |", "|---|---|",
+                f"| {exposed} | no bound: trained without DP |", ""]
+    n_flag, n_sig = int(res["patient_flag"].sum()), int(res["patient_significant"].sum())
+    gap = auc - b["auc"]
+    if gap <= 0:
+        against = f"below the bound {b['auc']:.3f}"
+    elif gap <= se:
+        against = f"above the bound {b['auc']:.3f} by {gap:.3f}, less than 1 SE: within the audit's noise"
+    else:
+        against = f"above the bound {b['auc']:.3f} by {gap:.3f}, more than 1 SE"
+    counted = (f"**{n_sig} significantly** (Holm, family-wise α = {ALPHA:g})" if n_sig else
+               f"0 significantly (Holm, family-wise α = {ALPHA:g})") + f"; {n_flag} by more than 1 SE"
+    holds = ("the guarantee did not hold for them, or the audit is wrong" if n_sig and res["unit"] != "record" else
+             "expected under record-level DP for patients with several records" if n_sig else
+             "consistent with the guarantee")
+    return ["## Verdict", "",
+            "| | most exposed patient | patients above the bound |", "|---|---|---|",
+            f"| measured | {exposed} | {counted} |",
+            f"| against the bound of the guarantee (AUC {b['auc']:.3f}) | {against} | {holds} |", ""]
+
+
 def write_report(res: dict, folder: str | Path, record_ids: Sequence | None = None) -> Path:
     """Write the audit folder; returns the path of ``report.md``."""
     folder = Path(folder)
@@ -185,9 +227,5 @@ def write_report(res: dict, folder: str | Path, record_ids: Sequence | None = No
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     md = _markdown(res, _plots(res, folder))
     (folder / "report.md").write_text(md)
-    text = "\n".join(line for line in md.splitlines() if not line.startswith("!["))
-    images = "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>" for f in
-                     (line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")))
-    body = f"<pre>{html.escape(text)}</pre>{images}"
-    (folder / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>Privacy audit</title>{body}\n")
+    (folder / "report.html").write_text(markdown_to_html(md, title="Privacy audit"))
     return folder / "report.md"
