@@ -16,10 +16,11 @@ __all__ = ["make_synthetic_dataset"]
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: int, num_items: int = 40,
                            size: int | None = None, num_classes: int = 2, seed: int = 0,
-                           patients: bool = True, refresh: bool = False) -> str:
+                           patients: bool = True, refresh: bool = False, contrast: float = 1.5) -> str:
     """Write NIfTI images (and masks) and a decathlon-style ``dataset.json`` into ``out_dir``; return ``out_dir``.
 
-    Classification: class ``c > 0`` images hold a bright ball whose radius grows with ``c``; class 0 only noise.
+    Classification: class ``c > 0`` images hold a ball ``contrast`` standard deviations brighter than the noise, whose
+    radius grows with ``c``; class 0 only noise. Classes are balanced (record ``i`` has class ``i % num_classes``).
     Segmentation: ``monai.data.create_test_image_2d/3d`` images with binary masks. Two records per patient
     (``patient_id``) when ``patients``. About 10 % of the patients (at least one) form the ``"test"`` list, so no
     patient is both in ``"training"`` and ``"test"``.
@@ -40,6 +41,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
         patients: give every two consecutive records the same ``patient_id``.
         refresh: replace a set made with other arguments (a bundle's ``--synthetic_items`` changed) instead of
             reusing it. A ``dataset.json`` that this function did not write is never replaced.
+        contrast: classification only: how much brighter the ball is than the unit-variance background noise
+            (> 0; the bundles pass a larger value than the default so that their DP default run learns).
     """
     task = check_choice("task", task, ("classification", "segmentation"))
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
@@ -51,9 +54,13 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
         raise ValueError(error_message("size", "an int >= 16", size))
     if not check_positive_int("num_classes", num_classes) >= 2:
         raise ValueError(error_message("num_classes", "an int >= 2", num_classes))
+    if isinstance(contrast, bool) or not isinstance(contrast, (int, float)) or not contrast > 0:
+        raise ValueError(error_message("contrast", "a number > 0", contrast))
     out_dir = os.fspath(out_dir)
     arguments = {"task": task, "spatial_dims": spatial_dims, "num_items": num_items, "size": size,
                  "num_classes": num_classes, "seed": seed, "patients": bool(patients)}
+    if contrast != 1.5:  # recorded only when not the default, so sets made before this argument are still reused
+        arguments["contrast"] = float(contrast)
     if os.path.exists(os.path.join(out_dir, "dataset.json")):
         if not refresh or _made_with(out_dir) == arguments:
             return out_dir
@@ -78,7 +85,7 @@ def _generate(out_dir: str, arguments: dict) -> str:
     try:
         a = arguments
         records = _write(tmp, a["task"], a["spatial_dims"], a["num_items"], a["size"], a["num_classes"], a["seed"],
-                         a["patients"])
+                         a["patients"], a.get("contrast", 1.5))
         training, test = _hold_out_test(records)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump({"name": f"synthetic {a['spatial_dims']}D {a['task']}", "synthetic": arguments,
@@ -139,7 +146,7 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
 
 
 def _write(folder: str, task: str, dims: int, n: int, size: int, num_classes: int, seed: int,
-           patients: bool) -> list[dict]:
+           patients: bool, contrast: float = 1.5) -> list[dict]:
     import nibabel as nib
     from monai.data import create_test_image_2d, create_test_image_3d
 
@@ -160,7 +167,7 @@ def _write(folder: str, task: str, dims: int, n: int, size: int, num_classes: in
             if label:
                 centre = rs.randint(size // 3, 2 * size // 3, size=dims)
                 radius = size / 8 * (1 + 0.5 * (label - 1))
-                img += 1.5 * (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2)
+                img += contrast * (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2)
             rec["label"] = int(label)
         nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), os.path.join(folder, rec["image"]))
         if patients:

@@ -68,6 +68,8 @@ def test_patients_are_never_in_training_and_test(tmp_path):
     ({"size": 8}, ValueError, r"`size` must be an int >= 16, got 8"),
     ({"size": 16.0}, TypeError, r"`size` must be an int, got 'float'"),
     ({"num_classes": 1}, ValueError, r"`num_classes` must be an int >= 2, got 1"),
+    ({"contrast": 0.0}, ValueError, r"`contrast` must be a number > 0, got 0.0"),
+    ({"contrast": float("nan")}, ValueError, r"`contrast` must be a number > 0, got nan"),
 ])
 def test_bad_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -81,3 +83,18 @@ def test_refuses_a_folder_with_other_files(tmp_path):
         make_synthetic_dataset(tmp_path, "classification", 2, num_items=4)
     (tmp_path / "empty").mkdir()
     assert _spec(make_synthetic_dataset(tmp_path / "empty", "classification", 2, num_items=4, size=16))["training"]
+
+
+def test_contrast_sets_the_ball_brightness_and_a_new_contrast_makes_a_new_set(tmp_path):
+    """The ball is `contrast` noise standard deviations bright: same seed, same noise, only the ball differs."""
+    load = LoadImaged("image", reader="NibabelReader", ensure_channel_first=True)
+    images = {}
+    for contrast in (1.5, 4.0):
+        out = make_synthetic_dataset(tmp_path / "s", "classification", 2, num_items=4, size=16, contrast=contrast,
+                                     refresh=True)
+        rec = next(r for r in _spec(out)["training"] + _spec(out)["test"] if r["label"] == 1)
+        images[contrast] = load({"image": f"{out}/{rec['image']}"})["image"].numpy()
+        assert _spec(out)["synthetic"].get("contrast") == (None if contrast == 1.5 else 4.0)
+    diff = images[4.0] - images[1.5]
+    ball = diff > 1e-3
+    assert 0 < ball.sum() < ball.size and np.allclose(diff[ball], 2.5, atol=1e-5) and np.allclose(diff[~ball], 0)
