@@ -75,12 +75,21 @@ def dirac_canary_scores(n: int, steps: int = 4, noise_multiplier: float = 1.0, m
 
 
 def estimate_mu(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[float, float]:
-    """μ̂ = (mean_in − mean_out) / pooled sd, and its standard error √(2/n + μ̂²/(4n)) for n runs per side."""
+    """μ̂ = (mean_in − mean_out) / pooled sd, and its standard error √(2/n + μ̂²/(4n)) for n runs per side.
+
+    Scores without spread (a run without noise: every score is the same) give μ̂ = ±∞ (0 if the means agree) with
+    an infinite standard error: the two sides are told apart perfectly, which is no Gaussian mechanism.
+    """
     a, b = np.asarray(scores_in, float), np.asarray(scores_out, float)
-    sd = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
-    mu = (a.mean() - b.mean()) / sd
+    if not (len(a) >= 2 and len(b) >= 2):
+        raise ValueError(error_message("scores_in and scores_out", "at least 2 scores each", (len(a), len(b))))
+    sd = math.sqrt((float(a.var(ddof=1)) + float(b.var(ddof=1))) / 2)
+    diff = float(a.mean() - b.mean())
     n = min(len(a), len(b))
-    return float(mu), math.sqrt(2 / n + mu**2 / (4 * n))
+    if sd == 0:
+        return (0.0 if diff == 0 else math.copysign(math.inf, diff)), math.inf
+    mu = diff / sd
+    return mu, math.sqrt(2 / n + mu**2 / (4 * n))
 
 
 def empirical_epsilon(scores_in: np.ndarray, scores_out: np.ndarray, delta: float = 0.0,

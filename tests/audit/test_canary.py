@@ -81,3 +81,15 @@ def test_wrong_noise_normalisation_is_caught():
     a, b = dirac_canary_scores(N, steps=T, noise_multiplier=SIGMA, mutate=_noise_for_the_mean)
     mu, se = estimate_mu(a, b)
     assert mu - math.sqrt(T) / SIGMA > 4 * se, "noise divided by the batch size must show in μ̂"
+
+
+def test_scores_without_spread_give_an_infinite_mu_without_dividing_by_zero():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning: the zero spread is handled, not divided by
+        assert estimate_mu(np.full(40, float(T)), np.zeros(40)) == (math.inf, math.inf)
+        assert estimate_mu(np.zeros(5), np.full(5, 2.0)) == (-math.inf, math.inf)
+        assert estimate_mu(np.ones(5), np.ones(5)) == (0.0, math.inf)
+    with pytest.raises(ValueError, match="at least 2 scores each"):
+        estimate_mu([1.0], [0.0, 1.0])
