@@ -6,7 +6,9 @@ no per-example value; the trainer evaluates losses on one example at a time, so 
 silently turn into a different loss. Where the pooling is only a reduction switch (MONAI's Dice-family
 ``batch=True``: the batch dimension is summed together with the spatial ones), :func:`make_per_sample_loss`
 switches it off and logs a WARNING naming the attribute; any other pooling is refused
-(:func:`check_per_sample_loss`).
+(:func:`check_per_sample_loss`). ``reduction="sum"`` is accepted (and said at INFO): on a batch of one it sums
+that example's elements only, so each example still has a loss of its own; it differs from ``"mean"`` by the
+number of elements per example, a scale on every gradient before clipping.
 
 Targets that are class indices out of range, fractional or not finite fail deep inside torch with a
 message that differs by gradient mode and device (an index error on CPU, a device-side assert that
@@ -81,6 +83,12 @@ def make_per_sample_loss(loss_function: Callable) -> tuple[Callable, list[str]]:
                 "%s.batch: True -> False. %s(batch=True) pools its statistics over the batch; DP-SGD clips each "
                 "example's gradient, so the loss is evaluated per example, which is what batch=False computes. "
                 "Set batch=False in the loss's config to make this explicit.", path, type(part).__name__)
+    for path, part in _walk(loss_function, "loss_function", set()):
+        if getattr(part, "reduction", None) == "sum":
+            logger.info(
+                "%s.reduction = 'sum': the loss is evaluated on one example at a time, so 'sum' adds up that "
+                "example's elements (classes, voxels), never the batch; it is 'mean' times the elements per example, "
+                "which scales each example's gradient before clipping at max_grad_norm.", path)
     return loss_function, changed
 
 
