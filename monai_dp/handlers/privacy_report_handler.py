@@ -192,6 +192,11 @@ class PrivacyReportHandler:
     def write(self, engine: Engine) -> None:
         if rank_world()[0] != 0:
             return  # every rank holds the same accounting; rank 0 writes it
+        priv = engine.privacy
+        patients = getattr(priv, "patients", None)
+        extra = (f" and the guarantee it implies for a patient with {patients['max']} records (a PLD composition, "
+                 "the slow part)" if priv.unit == "record" and patients and priv.steps > 0 else "")
+        logger.info("Writing the privacy report: ε after %d steps%s.", priv.steps, extra)
         report = privacy_report(engine)
         _write_json_atomic(self.report_file, report)
         _write_text_atomic(os.path.splitext(self.report_file)[0] + ".md", report_markdown(report))
