@@ -17,6 +17,8 @@ __all__ = ["DPMonaiAlgo", "FLPrivacyKeys"]
 
 logger = logging.getLogger(__name__)
 
+SITE_LOCAL = "site-local"  # the dataset id sent when the site gave none (its ledger's id stays at the site)
+
 
 class FLPrivacyKeys:
     """Keys of what a site reports with its update (``FLModel.meta``): plain types only."""
@@ -91,6 +93,9 @@ class DPMonaiAlgo(MonaiAlgo):
         self.allow_validation_metrics = bool(allow_validation_metrics)
         self.allow_nonprivate_statistics = bool(allow_nonprivate_statistics)
         self.rounds_done = 0
+        # sent to the server in the clear only when the site chose it: the default id is a fingerprint of the
+        # training records, which anyone holding a candidate record list could test
+        self.sent_dataset_id = SITE_LOCAL if dataset_id is None else str(dataset_id)
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self, extra: dict | None = None) -> None:
@@ -167,7 +172,8 @@ class DPMonaiAlgo(MonaiAlgo):
         return bool(getattr(self.trainer.state, "dp_budget_exhausted", False)) or not self.trainer.privacy.allows_step()
 
     def privacy_report(self) -> dict:
-        """What the site may tell the server of its privacy: ε so far, δ, σ, q, steps, unit, ledger, dataset id."""
+        """What the site may tell the server of its privacy: ε so far, δ, σ, q, steps, unit, ledger, and the dataset id
+        only when the site configuration gave one (otherwise ``"site-local"``: never the records' fingerprint)."""
         priv = self.trainer.privacy
         ledger = priv.ledger_info
         return {
@@ -175,7 +181,7 @@ class DPMonaiAlgo(MonaiAlgo):
             "target_epsilon": None if priv.target_epsilon is None else float(priv.target_epsilon),
             "noise_multiplier": float(priv.noise_multiplier), "sample_rate": float(priv.sample_rate),
             "max_grad_norm": float(priv.max_grad_norm), "steps": int(priv.steps), "unit": str(priv.unit),
-            "accountant": str(priv.accountant.name), "dataset_id": priv.dataset_id,
+            "accountant": str(priv.accountant.name), "dataset_id": self.sent_dataset_id,
             "ledger": None if not ledger else str(ledger.get("path", "")),
             "history": [[float(s), float(q), int(n)] for s, q, n in priv.accountant.history],
             "rounds_done": self.rounds_done, "budget_exhausted": self.budget_exhausted,
