@@ -418,9 +418,8 @@ class DPSupervisedTrainer(SupervisedTrainer):
         if not self.clipper.decided:
             self.logger.info(
                 "grad_sample_mode='auto': timing ghost clipping against per-sample gradients on the first batch "
-                "(%d items) to keep the faster, and checking that they agree; this first step takes about one step "
-                "of each plus one of the faster (grad_sample_mode='ghost' or 'per_sample' skips this).",
-                chunks[0][1] - chunks[0][0])
+                "to keep the faster, and checking that they agree; this first step takes about one step of each "
+                "plus one of the faster (grad_sample_mode='ghost' or 'per_sample' skips this).")
         for first_item, last_item, r0, r1 in chunks:
             rows = groups[r0:r1] - first_item
             out = self.clipper.clipped_sum(x[r0:r1], y[r0:r1], rows, last_item - first_item,
