@@ -114,12 +114,16 @@ class ClientLevelDP:
     def get_epsilon(self, delta: float | None = None) -> float:
         return float(self.accountant.get_epsilon(self.delta if delta is None else float(delta)))
 
+    def epsilon_after_round(self) -> float:
+        """ε after the rounds so far and one more."""
+        return float(self.accountant.epsilon_after(self.delta, self.noise_multiplier, self.sample_rate, 1))
+
     def allows_round(self) -> bool:
-        """Whether one more round stays within ``target_epsilon`` (always, without a target)."""
+        """Whether one more round stays within ``target_epsilon`` (always, without a target); asked before every
+        round, the first included (a target below one round's ε releases nothing)."""
         if self.target_epsilon is None:
             return True
-        eps = self.accountant.epsilon_after(self.delta, self.noise_multiplier, self.sample_rate, 1)
-        return eps <= self.target_epsilon
+        return self.epsilon_after_round() <= self.target_epsilon
 
     def record_round(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
@@ -133,6 +137,14 @@ class ClientLevelDP:
 
     def state_dict(self) -> dict:
         return {"accountant": self.accountant.state_dict(), "generator": self.generator.get_state()}
+
+    def accounting_state(self) -> dict:
+        """The accountant's state only (plain types, JSON): what the server keeps across jobs
+        (:mod:`monai_dp.fl.accounts`); the generator stays seeded anew."""
+        return {"accountant": self.accountant.state_dict()}
+
+    def load_accounting_state(self, state: dict) -> None:
+        self.load_state_dict({"accountant": state["accountant"], "generator": self.generator.get_state()})
 
     def load_state_dict(self, state: dict) -> None:
         acc = dict(state["accountant"], accountant=self.accountant.name)

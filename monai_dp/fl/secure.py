@@ -9,9 +9,11 @@ updates travel encrypted (CKKS, see :mod:`monai_dp.fl.secure_job`) and the serve
 What each guarantee covers (honest-but-curious parties, one shared CKKS key held by the sites, none by the server):
 
 * **aggregate** (σ, accounted here each round at q = 1): what the server learns (ciphertexts and, after the
-  federation, whatever the sites reveal of the model) and what any coalition of at most n − t sites learns from the
-  decrypted aggregates (they can subtract their own noise shares; the k − m >= t honest shares remain) -- in exact
-  arithmetic; the CKKS error is treated separately (:meth:`DistributedNoise.report`, ``ckks_error``).
+  federation, whatever the sites reveal of the model) and what any coalition of at most k_min − t sites learns from
+  the decrypted aggregates, k_min being the fewest sites summed in any round (n when no site ever dropped): a
+  coalition of m sites can subtract its own noise shares, and only when k − m >= t honest shares remain in every
+  round is the noise left at least σC -- in exact arithmetic; the CKKS error is treated separately
+  (:meth:`DistributedNoise.report`, ``ckks_error``).
 * **individual update** (σ/√t per round): what anyone who can decrypt a single site's ciphertext learns -- the
   server together with any one site (the key is shared) -- and it holds whatever CKKS does afterwards: every value
   that leaves the site is post-processing of its own noised update.
@@ -69,6 +71,7 @@ class DistributedNoise:
         self.central = ClientLevelDP(num_sites, 1.0, clip_norm, noise_multiplier, target_epsilon, target_delta,
                                      num_rounds, accountant, noise_seed)
         self.individual = create_accountant(accountant)  # one site's own update at σ/√t
+        self.min_summed: int | None = None  # k_min: the fewest sites summed in a round (None: not known here)
 
     # ------------------------------------------------------------------ the site's share
     @property
@@ -103,16 +106,42 @@ class DistributedNoise:
     def rounds(self) -> int:
         return self.central.rounds
 
+    @property
+    def target_epsilon(self) -> float | None:
+        return self.central.target_epsilon
+
+    def epsilon_after_round(self) -> float:
+        return self.central.epsilon_after_round()
+
     def allows_round(self) -> bool:
+        """Whether one more aggregate stays within ``target_epsilon``: asked before every round, the first included."""
         return self.central.allows_round()
 
-    def record_round(self) -> None:
-        """One round of the aggregate (σ, q = 1) and of an individual update (σ/√t, q = 1)."""
+    def record_round(self, num_summed: int | None = None) -> None:
+        """One round of the aggregate (σ, q = 1) and of an individual update (σ/√t, q = 1); ``num_summed``: the
+        sites whose updates the server summed this round (the server knows it; a site does not)."""
         self.central.record_round()
         self.individual.step(self.noise_multiplier / math.sqrt(self.min_sites), 1.0)
+        if num_summed is not None:
+            k = int(num_summed)
+            self.min_summed = k if self.min_summed is None else min(self.min_summed, k)
+
+    def coalition_bound(self) -> int | None:
+        """k_min − t: the largest coalition of sites the aggregate guarantee holds against (``None`` when k_min is
+        not known here: at a site, which does not see how many updates were summed)."""
+        return None if self.min_summed is None else max(self.min_summed - self.min_sites, 0)
+
+    def guarantee(self) -> str:
+        n, t, bound = self.num_sites, self.min_sites, self.coalition_bound()
+        if bound is None:
+            return (f"against the server and any coalition of at most k_min - {t} of the {n} sites (honest but "
+                    f"curious), k_min the fewest sites summed in any round (the server's federation report; at most "
+                    f"{n - t} when all {n} sites were summed every round)")
+        return (f"against the server and any coalition of at most {bound} of the {n} sites (honest but curious): "
+                f"k_min = {self.min_summed} sites were summed in the smallest round, t = {t}")
 
     def get_epsilon(self) -> float:
-        """ε of the aggregates so far (the guarantee against the server and coalitions of at most n − t sites)."""
+        """ε of the aggregates so far (the guarantee against the server and coalitions of at most k_min − t sites)."""
         return self.central.get_epsilon()
 
     def individual_epsilon(self) -> float:
@@ -135,8 +164,7 @@ class DistributedNoise:
         n, t = self.num_sites, self.min_sites
         out = {
             "level": "aggregate (distributed noise, secure aggregation)",
-            "guarantee": (f"against the server and any coalition of at most {n - t} of the {n} sites (honest but "
-                          f"curious), while at least {t} sites' updates are summed"),
+            "guarantee": self.guarantee(), "min_summed": self.min_summed, "coalition_bound": self.coalition_bound(),
             "epsilon": self.get_epsilon(), "delta": self.delta, "target_epsilon": self.central.target_epsilon,
             "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "num_sites": n,
             "min_sites": t, "share_std": self.share_std, "rounds": self.rounds,
@@ -152,11 +180,29 @@ class DistributedNoise:
         return out
 
     def state_dict(self) -> dict:
-        return {"central": self.central.state_dict(), "individual": self.individual.state_dict()}
+        return {"central": self.central.state_dict(), "individual": self.individual.state_dict(),
+                "min_summed": self.min_summed}
 
     def load_state_dict(self, state: dict) -> None:
         self.central.load_state_dict(state["central"])
         self.individual.load_state_dict(state["individual"])
+        self.min_summed = state.get("min_summed")
+
+    def accounting_state(self) -> dict:
+        """The accounting only (plain types, JSON): what the server keeps across jobs (:mod:`monai_dp.fl.accounts`)."""
+        return {"central": self.central.accounting_state(), "individual": self.individual.state_dict(),
+                "min_summed": self.min_summed}
+
+    def load_accounting_state(self, state: dict) -> None:
+        """Continue from ``state``: ε composes with its rounds, k_min is the smaller of both."""
+        if int(sum(int(e[2]) for e in state["individual"].get("history", []))) < self.individual.steps:
+            raise ValueError(error_message("state['individual']", f"at least the {self.individual.steps} rounds "
+                                           "accounted", "fewer", "Accounting never goes backwards."))
+        self.central.load_accounting_state(state["central"])
+        self.individual.load_state_dict(dict(state["individual"], accountant=self.individual.name))
+        saved = state.get("min_summed")
+        if saved is not None:
+            self.min_summed = int(saved) if self.min_summed is None else min(self.min_summed, int(saved))
 
 
 def measure_ckks_error(context: object, num_sites: int, num_values: int = 8192, value_std: float = 1.0,

@@ -27,12 +27,17 @@ SECURE_KEY = "dp_secure_aggregation"  # FLModel.meta: the aggregate-level report
 
 
 def ledger_note(noise: Any) -> str:
-    """What the site's ledger records with each of its runs: which guarantees the run holds."""
+    """What the site's ledger records with each of its runs: which guarantees the run holds, and a test noise seed."""
+    n, t = noise.num_sites, noise.min_sites
+    seed = noise.central.noise_seed
     return (f"federated, secure aggregation with distributed noise: site-level DP-SGD (this run's sigma, q, steps); "
             f"each round's update clipped to C={noise.clip_norm:g} with a noise share of std {noise.share_std:.6g} "
-            f"(aggregate sigma={noise.noise_multiplier:.6g}, n={noise.num_sites}, t={noise.min_sites}: against the "
-            f"server and coalitions of at most {noise.num_sites - noise.min_sites} sites; an individual update "
-            f"sigma={noise.noise_multiplier / noise.min_sites ** 0.5:.6g})")
+            f"(aggregate sigma={noise.noise_multiplier:.6g}, n={n}, t={t}: against the server and coalitions of at "
+            f"most k_min - {t} sites, k_min the fewest sites summed in any round (the server's federation report; "
+            f"{n - t} when all {n} sites were summed every round); an individual update "
+            f"sigma={noise.noise_multiplier / t ** 0.5:.6g})"
+            + ("" if seed is None else f"; noise share seeded with noise_seed={int(seed)} (TESTS ONLY: the share is "
+                                       "reproducible by whoever knows the seed)"))
 
 
 def with_ledger_note(bundle_root: str, config_file: list[str], overrides: dict, note: str) -> dict:

@@ -9,8 +9,9 @@ TenSEAL context has no secret key. What this module adds:
 * :class:`SecureSumAggregator`: NVFlare's HE aggregator that records the type and size of everything it receives,
   refuses a plaintext value, a site that sent its update in the clear, and a sum of fewer than ``min_sites`` updates;
 * :class:`SecureScatterAndGather`: sends each round's task only to the sites still within their budget, accounts the
-  aggregate-level guarantee every round (:class:`~monai_dp.fl.secure.DistributedNoise`), ends the federation when
-  fewer than t sites remain, and writes the federation report;
+  aggregate-level guarantee every round (:class:`~monai_dp.fl.secure.DistributedNoise`), asks the aggregate-level
+  budget before every round (the first included) and keeps its account across jobs (:mod:`monai_dp.fl.accounts`),
+  ends the federation when fewer than t sites remain, and writes the federation report;
 * :func:`secure_fedavg_recipe`: the job; :func:`provision_simulation`: the TenSEAL contexts for NVFlare's simulator,
   made with NVFlare's provisioning builder (``nvflare.lighter.impl.he.HEBuilder``).
 
@@ -45,6 +46,7 @@ from nvflare.app_opt.he.intime_accumulate_model_aggregator import (
     HEInTimeAccumulateWeightedAggregator,
 )
 
+from monai_dp.fl.accounts import account_file, load_account, require_round, save_account
 from monai_dp.fl.algo import FLPrivacyKeys
 from monai_dp.fl.secure import DistributedNoise
 from monai_dp.fl.secure_client import SECURE_KEY
@@ -117,14 +119,18 @@ class SecureScatterAndGather(ScatterAndGather):
         secure: arguments of :class:`~monai_dp.fl.secure.DistributedNoise` (``num_sites`` defaults to the sites
             connected when the run starts), plus ``ckks_error``: the measured CKKS error of a decrypted sum.
         report_file: the federation report (JSON); a relative path is under the server's run folder.
+        federation_id: the aggregate-level account this job continues (:mod:`monai_dp.fl.accounts`, kept under the
+            server's workspace root); a new id starts a new account.
         args, kwargs: those of ``ScatterAndGather``.
     """
 
     def __init__(self, *args: Any, secure: dict | None = None, report_file: str = "federation_report.json",
-                 **kwargs: Any) -> None:
+                 federation_id: str = "dp_secure_fedavg", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.secure = dict(secure or {})
         self.report_file = report_file
+        self.federation_id = federation_id
+        self.account_file: str | None = None
         self.noise: DistributedNoise | None = None
         self.stopped: dict[str, int] = {}
         self.rounds: list[dict] = []
@@ -136,13 +142,29 @@ class SecureScatterAndGather(ScatterAndGather):
         args.setdefault("num_sites", len(self._engine.get_clients()))
         self.noise = DistributedNoise(**args)
         self.started = time.time()
+        self.open_account(fl_ctx)
+
+    def open_account(self, fl_ctx: Any) -> None:
+        """Continue the federation's aggregate-level account from the server's workspace, and refuse to start when
+        not even the first round fits the aggregate-level budget."""
+        root = fl_ctx.get_engine().get_workspace().get_root_dir()
+        self.account_file = account_file(root, self.federation_id)
+        state = load_account(self.account_file, self.federation_id, "secure_aggregation")
+        if state is not None:
+            self.noise.load_accounting_state(state)
+        self.log_info(fl_ctx, f"Aggregate-level account of federation_id={self.federation_id!r} kept in "
+                              f"{self.account_file}: {self.noise.rounds} earlier rounds, ε = "
+                              f"{self.noise.get_epsilon():.4f}; a new federation_id starts a new account.")
+        require_round(self.noise, "aggregate-level")
 
     def live_sites(self) -> list[str]:
         return [c.name for c in self._engine.get_clients() if c.name not in self.stopped]
 
     def broadcast_and_wait(self, task: Any, fl_ctx: Any, targets: Any = None, min_responses: int = 1,
                            wait_time_after_min_received: int = 0, abort_signal: Any = None) -> None:
-        """The round's task goes to the sites still within their budget; at least t of them must answer."""
+        """The round's task goes to the sites still within their budget; at least t of them must answer. The
+        aggregate-level budget is asked first: a round that would exceed it is not started."""
+        require_round(self.noise, "aggregate-level")
         live = self.live_sites()
         self.log_info(fl_ctx, f"Round {self._current_round}: sites {live}; stopped: {self.stopped}")
         super().broadcast_and_wait(task=task, fl_ctx=fl_ctx, targets=live,
@@ -157,7 +179,8 @@ class SecureScatterAndGather(ScatterAndGather):
 
     def _round_done(self, fl_ctx: Any) -> None:
         agg = self.aggregator
-        self.noise.record_round()
+        self.noise.record_round(len(agg.accepted_sites))
+        save_account(self.account_file, self.federation_id, "secure_aggregation", self.noise.accounting_state())
         for site, rep in agg.reports.items():
             if rep["exhausted"]:
                 self.stopped.setdefault(site, self._current_round)
@@ -199,6 +222,7 @@ class SecureScatterAndGather(ScatterAndGather):
                 "rounds_run": len(self.rounds), "sites": final, "stopped": dict(self.stopped),
                 "left_early": sorted(s for s, v in final.items() if v["left_early"]), "ended_early": self.ended_early,
                 "rounds": self.rounds, "secure_aggregation": self.rounds[-1]["aggregate"] if self.rounds else None,
+                "federation_id": self.federation_id, "account_file": self.account_file,
                 "wall_time_s": round(time.time() - getattr(self, "started", time.time()), 3)}
 
     def write_report(self, fl_ctx: Any, finished: bool = False) -> str:
@@ -260,13 +284,16 @@ def secure_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, cl
                          overrides: dict | None = None, name: str = "dp_secure_fedavg",
                          client_context: str = CLIENT_CONTEXT, ckks_error: float | None = None,
                          report_file: str = "federation_report.json", workdir: str | None = None,
-                         noise_seed: int | None = None, debug_dir: str | None = None) -> Any:
+                         noise_seed: int | None = None, debug_dir: str | None = None,
+                         federation_id: str | None = None) -> Any:
     """The job: NVFlare's HE components, :class:`SecureScatterAndGather`, :class:`SecureSumAggregator` and
     :mod:`monai_dp.fl.secure_client` at every site. σ is given, or calibrated here once for ``target_epsilon`` over
     ``num_rounds`` at q = 1, and the same σ goes to every site and to the server.
 
     ``client_context``: the sites' TenSEAL context (``client_context.tenseal`` in a provisioned startup kit, or the
-    file :func:`provision_simulation` returns). ``noise_seed`` and ``debug_dir`` are for tests only.
+    file :func:`provision_simulation` returns). ``federation_id`` (default: ``name``): the server's aggregate-level
+    account this job continues (:mod:`monai_dp.fl.accounts`). ``noise_seed`` and ``debug_dir`` are for tests only.
+    Refused when not even one round fits ``target_epsilon`` (the server asks again with the earlier jobs' rounds).
     """
     from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
     from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
@@ -282,6 +309,9 @@ def secure_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, cl
 
     noise = DistributedNoise(len(sites), clip_norm, noise_multiplier, min_sites, target_epsilon, target_delta,
                              num_rounds, accountant)
+    require_round(noise, "aggregate-level")
+    federation_id = name if federation_id is None else federation_id
+    account_file("", federation_id)  # checks the id
     secure = {"num_sites": len(sites), "min_sites": noise.min_sites, "clip_norm": noise.clip_norm,
               "noise_multiplier": noise.noise_multiplier, "target_delta": noise.delta, "accountant": accountant,
               "target_epsilon": target_epsilon, "ckks_error": ckks_error}
@@ -300,7 +330,7 @@ def secure_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, cl
     job.to_server(SecureScatterAndGather(
         min_clients=noise.min_sites, num_rounds=num_rounds, wait_time_after_min_received=3600,
         aggregator_id=aggregator_id, persistor_id=job.comp_ids.get("persistor_id", ""),
-        shareable_generator_id=generator_id, secure=secure, report_file=report_file))
+        shareable_generator_id=generator_id, secure=secure, report_file=report_file, federation_id=federation_id))
     job.to_clients(ScriptRunner(script=CLIENT_SCRIPT, script_args=_client_args(
         bundle_root, num_rounds, local_epochs, config_file, site_config, workdir, dict(secure, noise_seed=noise_seed),
         debug_dir)))
@@ -362,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accountant", default="prv")
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--name", default="dp_secure_fedavg")
+    parser.add_argument("--federation_id", default=None,
+                        help="the server's aggregate-level account to continue (default: --name); a new id starts anew")
     parser.add_argument("--noise_seed", type=int, default=None, help="tests only")
     parser.add_argument("--debug_dir", default=None, help="tests only: sites write their noised updates in the clear")
     parser.add_argument("--export_job", action="store_true",
@@ -393,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         args.min_sites, args.target_delta, args.accountant, args.local_epochs, args.config_file, args.site_config,
         json.loads(args.network_overrides) if args.network_overrides else None, name=args.name,
         client_context=client_context, ckks_error=ckks_error, workdir=args.workspace, noise_seed=args.noise_seed,
-        debug_dir=args.debug_dir)
+        debug_dir=args.debug_dir, federation_id=args.federation_id)
     if args.export_job:
         recipe.export(os.path.abspath(args.workspace))
         print(os.path.join(os.path.abspath(args.workspace), args.name))

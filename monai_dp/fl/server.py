@@ -8,7 +8,9 @@ which site stopped at which round.
 With ``client_level`` the server also applies client-level DP-FedAvg (:class:`~monai_dp.fl.client_level.ClientLevelDP`):
 sites are Poisson-sampled each round, each update (a weight difference) is clipped, the sum is noised and divided by
 the expected number of sites, every round is accounted and the federation stops before a round would exceed the
-client-level budget.
+client-level budget: the budget is asked before every round, the first included, and the client-level account is
+kept across jobs under the server's workspace root (:mod:`monai_dp.fl.accounts`, ``client_level["federation_id"]``,
+default: the job's name).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ class DPFedAvg(FedAvg):
     Args:
         report_file: the federation report; a relative path is under the server's run folder.
         client_level: arguments of :class:`~monai_dp.fl.client_level.ClientLevelDP` (``num_sites`` defaults to
-            the number of sites connected when the run starts) to add client-level DP-FedAvg; ``None``: plain FedAvg
-            of the sites' (site-level DP) updates.
+            the number of sites connected when the run starts) to add client-level DP-FedAvg, plus
+            ``federation_id``: the account it continues (default: the job's name; a new id starts a new account);
+            ``None``: plain FedAvg of the sites' (site-level DP) updates.
         args, kwargs: those of ``FedAvg``.
     """
 
@@ -54,6 +57,10 @@ class DPFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ who trains
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
+        if self.client_dp is not None:  # before every round's task: a round over the budget is not started
+            from monai_dp.fl.accounts import require_round
+
+            require_round(self.client_dp, "client-level")
         clients = [c for c in super().sample_clients(None) if c not in self.stopped]
         self.info(f"Sites still within their privacy budget: {clients}; stopped: {self.stopped}")
         if self.client_dp is not None:
@@ -121,6 +128,9 @@ class DPFedAvg(FedAvg):
 
         noisy = self.client_dp.aggregate(self._clipped, self._template)
         self.client_dp.record_round()
+        from monai_dp.fl.accounts import save_account
+
+        save_account(self.account_file, self.federation_id, "client_level", self.client_dp.accounting_state())
         entry["client_level"] = self.client_dp.report()
         self.info(f"Client-level DP: round {self.current_round} accounted, ε = {self.client_dp.get_epsilon():.4f} "
                   f"(δ = {self.client_dp.delta:.3g}).")
@@ -153,18 +163,38 @@ class DPFedAvg(FedAvg):
 
     def run(self) -> None:
         self.started, completed = time.time(), False
-        if self.client_level is not None:
-            from monai_dp.fl.client_level import ClientLevelDP
-
-            args = dict(self.client_level)
-            args.setdefault("num_sites", len(self.engine.get_clients()))
-            args.setdefault("num_rounds", self.num_rounds)
-            self.client_dp = ClientLevelDP(**args)
         try:
+            if self.client_level is not None:
+                self.open_client_level()
             super().run()
             completed = True
         finally:
             self.write_report(finished=completed)
+
+    def open_client_level(self) -> None:
+        """Build the client-level mechanism, continue its account from the server's workspace root, and refuse to
+        start when not even the first round fits its budget (nothing is released)."""
+        from monai_dp.fl.accounts import (
+            account_file,
+            federation_id_of,
+            load_account,
+            require_round,
+        )
+        from monai_dp.fl.client_level import ClientLevelDP
+
+        args = dict(self.client_level)
+        self.federation_id = args.pop("federation_id", None) or federation_id_of(self.fl_ctx, "dp_fedavg")
+        args.setdefault("num_sites", len(self.engine.get_clients()))
+        args.setdefault("num_rounds", self.num_rounds)
+        self.client_dp = ClientLevelDP(**args)
+        self.account_file = account_file(self.engine.get_workspace().get_root_dir(), self.federation_id)
+        state = load_account(self.account_file, self.federation_id, "client_level")
+        if state is not None:
+            self.client_dp.load_accounting_state(state)
+        self.info(f"Client-level account of federation_id={self.federation_id!r} kept in {self.account_file}: "
+                  f"{self.client_dp.rounds} earlier rounds, ε = {self.client_dp.get_epsilon():.4f}; a new "
+                  "federation_id starts a new account.")
+        require_round(self.client_dp, "client-level")
 
     def report(self, finished: bool = False) -> dict:
         sites = sorted({s for r in self.rounds for s in r["sites"]} | set(self.stopped))
@@ -178,7 +208,9 @@ class DPFedAvg(FedAvg):
                 "rounds_run": len(self.rounds), "sites": final, "stopped": dict(self.stopped),
                 "left_early": sorted(s for s, v in final.items() if v["left_early"]), "rounds": self.rounds,
                 "client_level": None if self.client_dp is None else {
-                    **self.client_dp.report(), "stopped_after_round": getattr(self, "client_level_stopped", None)},
+                    **self.client_dp.report(), "stopped_after_round": getattr(self, "client_level_stopped", None),
+                    "federation_id": getattr(self, "federation_id", None),
+                    "account_file": getattr(self, "account_file", None)},
                 "wall_time_s": round(time.time() - getattr(self, "started", time.time()), 3)}
 
     def write_report(self, finished: bool = False) -> str:
