@@ -126,6 +126,14 @@ def test_the_aggregate_epsilon_with_all_sites_equals_the_central_noise_epsilon(f
         assert agg["individual_update"]["epsilon"] > agg["epsilon"]
     assert len(report["rounds"][0]["aggregated"]) == 3  # round 0: all sites present
     assert report["secure_aggregation"]["epsilon"] == pytest.approx(central.get_epsilon(), rel=1e-9)
+    # round 1 summed t = 2 sites: the aggregate guarantee holds against coalitions of k_min - t = 0 sites
+    assert [r["aggregate"]["coalition_bound"] for r in report["rounds"]] == [1, 0]
+    assert report["secure_aggregation"]["min_summed"] == 2
+    # the account outlives the job: in the server's workspace root, under the job's name (the default id)
+    assert report["federation_id"] == JOB and report["account_file"].startswith(str(federation["server"]))
+    with open(report["account_file"]) as f:
+        account = json.load(f)["state"]
+    assert account["central"]["accountant"]["history"] == [[SIGMA, 1.0, ROUNDS]] and account["min_summed"] == 2
 
 
 def test_the_site_level_guarantee_is_unchanged_and_the_ledger_records_both(federation):

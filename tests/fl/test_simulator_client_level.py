@@ -47,3 +47,8 @@ def test_client_level_rounds_are_accounted_and_stop_at_the_budget(tmp_path):
         assert entry["client_level"]["epsilon"] == pytest.approx(pld_epsilon(SIGMA, Q, r, DELTA), rel=0.02)
     assert report["client_level"]["epsilon"] <= target and report["client_level"]["noise_seeded"]
     assert report["stopped"] == {}  # no site spent its own (site-level) budget
+    # the client-level account outlives the job: under the server's workspace root, by the job's name
+    assert report["client_level"]["federation_id"] == "dp_fedavg"
+    with open(report["client_level"]["account_file"]) as f:
+        account = json.load(f)["state"]
+    assert sum(e[2] for e in account["accountant"]["history"]) == 2
