@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "EXIT_INTERRUPTED", "DefaultsHelpFormatter", "help_text",
 COMMANDS = {"demo": "monai_dp.cli.demo", "ledger": "monai_dp.cli.ledger", "audit": "monai_dp.cli.audit",
             "bundle": "monai_dp.cli.bundle"}
 SUMMARIES = {
-    "demo": "a DP training run on generated images, stopped at its privacy budget (about 80 s on 2 CPU cores)",
+    "demo": "a DP training run on generated images, stopped at its privacy budget (about 15 s on 2 idle CPU cores)",
     "ledger": "a dataset's total privacy budget across runs: init, show, export, check, verify, backup, ...",
     "audit": "membership-inference audit of a training recipe (per patient, against the DP bound), or --self-audit",
     "bundle": "list the shipped MONAI bundles and configs, or export one",

@@ -1,4 +1,4 @@
-"""A DP training run on generated images, stopped by its privacy budget (about 80 s on 2 CPU cores).
+"""A DP training run on generated images, stopped by its privacy budget (about 15 s on 2 idle CPU cores).
 
 ``python -m monai_dp demo`` trains a small MONAI DenseNet (BatchNorm converted to GroupNorm) on
 generated 2D images (does the image hold a bright "lesion" disc or only noise?), with record-level
