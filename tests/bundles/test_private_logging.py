@@ -249,11 +249,16 @@ def test_default_validation_and_test_splits_hold_no_training_record_or_patient(n
 @pytest.mark.parametrize("name", BUNDLES)
 def test_the_clipped_fraction_is_logged_only_when_asked(name):
     """`--log_clipped_fraction true` turns on an exact (not noised) count in the logs; the checker names it."""
-    parser = _parser(name, ["train.json"])
-    assert parser.get("log_clipped_fraction") is False
-    parser["log_clipped_fraction"] = True
-    problems = training_output_readers(parser, _trainers(parser)["train#trainer"])
-    assert problems == ["monai_dp.handlers.PrivacyMetricsHandler publishes the fraction of clipped items "
-                        "(`clipped_fraction_key`)"]
+    assert _parser(name, ["train.json"]).get("log_clipped_fraction") is False
+    for off in ("false", "False", 0):  # the command line passes strings: "false" must not turn it on
+        parser = _parser(name, ["train.json"])
+        parser["log_clipped_fraction"] = off
+        assert training_output_readers(parser, _trainers(parser)["train#trainer"]) == [], off
+    for on in (True, "true", "True"):
+        parser = _parser(name, ["train.json"])
+        parser["log_clipped_fraction"] = on
+        problems = training_output_readers(parser, _trainers(parser)["train#trainer"])
+        assert problems == ["monai_dp.handlers.PrivacyMetricsHandler publishes the fraction of clipped items "
+                            "(`clipped_fraction_key`)"], on
     handlers = [h for h in _handlers(parser, "@train#handlers") if h.get("clipped_fraction_key")]
     assert [h["clipped_fraction_key"] for h in handlers] == ["dp_clipped_fraction_NOT_PRIVATE"]
