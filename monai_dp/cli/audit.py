@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         return _run(args)
+    except (ValueError, TypeError) as err:  # the checks' messages name the argument, the value and the fix
+        print(f"monai-dp audit: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"monai-dp audit: interrupted; the models finished so far are kept in {args.out}: rerun the same "
               "command to resume.", file=sys.stderr)

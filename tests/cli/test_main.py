@@ -154,3 +154,8 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_code_130(monkeypatch, capsys
     monkeypatch.setattr(module, "main", interrupted)
     assert main(["ledger", "show", "--ledger", "x.db"]) == 130
     assert capsys.readouterr().err == "monai-dp ledger: interrupted.\n"
+
+
+def test_a_bad_audit_argument_is_one_line_and_exit_code_2(capsys, tmp_path):
+    assert main(["audit", "--out", str(tmp_path), "--synthetic", "--num-models", "2"]) == 2
+    assert capsys.readouterr().err == "monai-dp audit: `num_models` must be an even number >= 4, got 2.\n"
