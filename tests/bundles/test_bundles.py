@@ -293,8 +293,10 @@ def test_fashion_mnist_recipe_trains_on_scattering_features_and_evaluates(tmp_pa
     np.savez(npz, **arrays)
     root = _copy("dp_classification_2d", tmp_path)
     files = ["train.json", "fashion_mnist.json"]
+    # fixed noise and sampling seeds (tests only, recorded as such): with 4 noisy steps on 60 records the
+    # accuracy below is a draw; unseeded this test failed in 4 and 5 of 10 runs (at e04acef and now)
     _run(root, files, dataset_dir=str(npz), max_epochs=2, batch_size=30, max_physical_batch_size=16,
-         target_epsilon=8.0, learning_rate=1.0)
+         target_epsilon=8.0, learning_rate=1.0, **{"train#trainer#noise_seed": 0, "train#trainer#sampling_seed": 0})
     report = json.loads((root / "models" / "privacy_report.json").read_text())
     assert 0 < report["epsilon"] <= 8.0 and report["steps"] == 4
     state = torch.load(root / "models" / "model.pt", weights_only=True)["model"]  # beside it: "privacy"
