@@ -107,8 +107,8 @@ def dp_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, local_
     return recipe
 
 
-def _allow_components(workspace: str) -> None:
-    """The simulator's component policy: NVFlare's defaults plus this job's controller."""
+def _allow_components(workspace: str, classes: tuple[str, ...] | list[str] = DP_CLASS_ALLOW_LIST) -> None:
+    """The simulator's component policy: NVFlare's defaults plus ``classes`` (this job's controller)."""
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
     from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
 
@@ -120,7 +120,7 @@ def _allow_components(workspace: str) -> None:
         with open(path) as f:
             resources = json.load(f)
     resources[CLASS_ALLOW_LIST] = sorted(set(resources.get(CLASS_ALLOW_LIST, DEFAULT_CLASS_ALLOW_LIST))
-                                         | set(DP_CLASS_ALLOW_LIST))
+                                         | set(classes))
     with open(path, "w") as f:
         json.dump(resources, f, indent=2)
 

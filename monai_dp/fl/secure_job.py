@@ -48,6 +48,7 @@ from nvflare.app_opt.he.intime_accumulate_model_aggregator import (
 
 from monai_dp.fl.accounts import account_file, load_account, require_round, save_account
 from monai_dp.fl.algo import FLPrivacyKeys
+from monai_dp.fl.job import _allow_components as allow_components
 from monai_dp.fl.secure import DistributedNoise
 from monai_dp.fl.secure_client import SECURE_KEY
 
@@ -345,31 +346,14 @@ def secure_fedavg_recipe(bundle_root: str, sites: list[str], num_rounds: int, cl
     return recipe
 
 
-def _allow_components(simulator_root: str) -> None:
-    """The simulator's component policy: NVFlare's defaults plus this job's controller and aggregator."""
-    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-    from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
-
-    local = os.path.join(simulator_root, "local")
-    os.makedirs(local, exist_ok=True)
-    path = os.path.join(local, "resources.json.default")
-    resources = {"format_version": 2}
-    if os.path.isfile(path):
-        with open(path) as f:
-            resources = json.load(f)
-    resources[CLASS_ALLOW_LIST] = sorted(set(resources.get(CLASS_ALLOW_LIST, DEFAULT_CLASS_ALLOW_LIST))
-                                         | set(SECURE_CLASS_ALLOW_LIST) | {"monai_dp.fl.job.BundleNetwork"})
-    with open(path, "w") as f:
-        json.dump(resources, f, indent=2)
-
-
 def run_secure_simulation(recipe: Any, sites: list[str], workspace: str, threads: int | None = None) -> str:
     """Run ``recipe`` (made with the client context of :func:`provision_simulation` under ``workspace``) in NVFlare's
     simulator; returns the server's run folder."""
     from nvflare.recipe import SimEnv
 
     workspace = os.path.abspath(workspace)
-    _allow_components(os.path.join(workspace, recipe.name))
+    # the simulator's component policy: NVFlare's defaults plus this job's controller, aggregator and network
+    allow_components(os.path.join(workspace, recipe.name), [*SECURE_CLASS_ALLOW_LIST, "monai_dp.fl.job.BundleNetwork"])
     env = SimEnv(clients=list(sites), num_threads=threads or len(sites), workspace_root=workspace)
     recipe.execute(env)
     return os.path.join(workspace, recipe.name, "server", "simulate_job")
