@@ -100,6 +100,7 @@ def test_accumulated_iterations_counts_grad_sample_tensors():
 def _step(cls, case):
     params = _params()
     opt = _optimizer(cls, params)
+    opt.flat_noise = False  # Opacus' per-tensor noise stream (the flat draw is tested in test_flat_noise.py)
     per_item = _per_item(0 if case == "empty" else 6)
     if case == "clipped sum" and cls is PrivateNoiseDPOptimizer:  # the trainer's way: clipped by the clipper
         summed = clip_and_sum(dict(enumerate(per_item)), dict(enumerate(params)), CLIP)[0]
@@ -152,6 +153,7 @@ def test_distributed_optimizer_rank_attributes_and_update(single_process_group):
     for cls in (DistributedDPOptimizer, PrivateNoiseDistributedDPOptimizer):
         params = _params()
         opt = _optimizer(cls, params)
+        opt.flat_noise = False  # Opacus' per-tensor noise stream
         assert (opt.rank, opt.world_size) == (0, 1)  # set by Opacus' __init__, read by the patch's add_noise
         for p, g in zip(params, _per_item(6)):
             p.grad_sample = g
