@@ -92,10 +92,12 @@ def _reference_update(net, x, y, groups, expected_batch_size, sigma=SIGMA, clip=
         factor = min(1.0, clip / (float(norm) + 1e-6))
         for j, g in enumerate(item):
             total[j] += factor * g
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # one flat draw over all parameters, split in their order
+    sizes = [p.numel() for p in params]
+    flat = torch.normal(0.0, sigma * clip, size=(sum(sizes),), generator=gen).split(sizes)
     new = []
-    for p, t in zip(params, total):
-        noise = torch.normal(0.0, sigma * clip, size=p.shape, generator=gen)
+    for p, t, z in zip(params, total, flat):
+        noise = z.view_as(p)
         new.append(p.detach() - lr * (t + noise) / expected_batch_size)
     return new
 
@@ -210,8 +212,10 @@ def test_empty_batch_takes_noise_only_step():
     before = [p.detach().clone() for p in trainer.network.parameters()]
     _run_one_iteration(trainer, {EMPTY_BATCH_KEY: True})
     gen = torch.Generator().manual_seed(SEED)
-    for b, p in zip(before, trainer.network.parameters()):
-        noise = torch.normal(0.0, SIGMA * CLIP, size=p.shape, generator=gen)
+    sizes = [p.numel() for p in trainer.network.parameters()]
+    flat = torch.normal(0.0, SIGMA * CLIP, size=(sum(sizes),), generator=gen).split(sizes)
+    for b, p, z in zip(before, trainer.network.parameters(), flat):
+        noise = z.view_as(p)
         torch.testing.assert_close(p.detach(), b - noise / 4, rtol=1e-5, atol=1e-7)
     assert trainer.dp_steps == 1
 
@@ -342,6 +346,7 @@ def test_trainer_dp_optimizer_equals_opacus(empty):
         params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
         opt = cls(torch.optim.SGD(params, lr=0.5), noise_multiplier=0.7, max_grad_norm=1.0, expected_batch_size=6,
                   generator=torch.Generator().manual_seed(1))
+        opt.flat_noise = False  # Opacus' per-tensor noise stream (the flat draw: tests/engines/test_flat_noise.py)
         for p in params:
             rows = 0 if empty else 6
             p.grad_sample = torch.randn(rows, *p.shape, generator=torch.Generator().manual_seed(p.numel()))
