@@ -27,7 +27,9 @@ class EMAWeightsHandler:
     ``evaluator`` (e.g. the one a ``ValidationHandler`` runs) it also copies the average into ``network`` when the
     evaluator starts and puts the training iterate back when it completes, so the evaluator's metrics and the
     ``CheckpointSaver`` of the evaluator's handlers (best key metric) see the averaged weights, while training
-    continues from its own iterate. The average starts from the weights ``network`` has when the handler is built.
+    continues from its own iterate. The ``n``-th update uses ``min(decay, (n - 1) / n)``: the plain mean of the
+    iterates so far until the horizon ``1 / (1 - decay)`` is reached, so the (random) initial weights do not
+    linger in a short run.
 
     Args:
         network: the trained module (its parameters and floating-point buffers are averaged).
@@ -68,9 +70,10 @@ class EMAWeightsHandler:
         if self._stash is not None:
             raise RuntimeError("EMAWeightsHandler.update() was called while the averaged weights are swapped in; "
                                "call swap_out() first.")
-        for avg, t in zip(self.average, self._tensors()):
-            avg.mul_(self.decay).add_(t.detach().to(avg.dtype), alpha=1.0 - self.decay)
         self.num_updates += 1
+        decay = min(self.decay, (self.num_updates - 1) / self.num_updates)
+        for avg, t in zip(self.average, self._tensors()):
+            avg.mul_(decay).add_(t.detach().to(avg.dtype), alpha=1.0 - decay)
 
     @torch.no_grad()
     def swap_in(self, engine: Engine | None = None) -> None:

@@ -33,10 +33,12 @@ def test_average_is_the_recurrence_over_set_weights_and_attach_is_idempotent():
     engine = Engine(step)
     ema.attach(engine)
     ema.attach(engine)  # a second attach must not update twice per iteration
-    engine.run([1.0, 2.0, 4.0], max_epochs=1)
-    d = 0.75
-    expected = (1 - d) * (d * d * 1.0 + d * 2.0 + 4.0)  # starts from 0; weights 1, 2, 4 after the three steps
-    assert ema.num_updates == 3
+    engine.run([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], max_epochs=1)
+    # the mean of the first four iterates (the initial 0 is not in it; 4 = the horizon 1 / (1 - 0.75)), then EMA
+    expected = (1.0 + 2.0 + 4.0 + 8.0) / 4
+    for w in (16.0, 32.0):
+        expected = 0.75 * expected + 0.25 * w
+    assert ema.num_updates == 6
     assert ema.average[0] == pytest.approx(torch.full((1, 2), expected))
     assert ema.average[1] == pytest.approx(torch.full((1,), -expected))
 
@@ -53,7 +55,7 @@ def test_evaluator_sees_the_average_of_the_dp_iterates_and_training_continues_fr
         optimizer=torch.optim.SGD(net.parameters(), lr=1.0), loss_function=nn.CrossEntropyLoss(),
         train_handlers=[ema], noise_multiplier=1.0, max_grad_norm=1.0, sampling_seed=0, noise_seed=0,
         decollate=False, grad_sample_mode="per_sample")
-    expected = _flat(net)  # the recurrence, by hand, over the weights after every noisy step
+    expected = None  # the recurrence, by hand, over the weights after every noisy step
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen["iterate"].append(_flat(net)))
 
     def validate(engine):
@@ -64,7 +66,7 @@ def test_evaluator_sees_the_average_of_the_dp_iterates_and_training_continues_fr
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
     trainer.run()
     for w in seen["iterate"]:
-        expected = 0.5 * expected + 0.5 * w
+        expected = w if expected is None else 0.5 * expected + 0.5 * w
     assert ema.num_updates == trainer.dp_steps == len(seen["iterate"]) > 4
     assert torch.allclose(torch.cat([a.flatten() for a in ema.average]), expected, atol=1e-6)
     assert len(seen["eval"]) == 2
