@@ -1,6 +1,7 @@
 """Time per optimizer step and peak memory of DP training against non-private training, per bundle network.
 
-For each bundle's default network (after ``make_private_compatible``, so every method trains the same
+For each bundle's network, built from the bundle's own configs/train.json (``network_def#network``), and four
+larger networks of model-zoo scale (after ``make_private_compatible``, so every method trains the same
 GroupNorm network), one run measures: non-private SGD, DP with materialised per-sample gradients
 (``grad_sample_mode="per_sample"``), DP with mixed ghost clipping (``"ghost"``, the default where
 supported), Opacus' own hooks for reference, and the bf16-autocast and channels_last variants. The
@@ -12,7 +13,8 @@ configuration runs in a fresh process and the table shows the growth of peak RSS
 above the RSS after building the network and batch (the libraries themselves are not counted).
 
     python benchmarks/throughput.py --out throughput.md            # CPU: 2D at 64^2, 3D at 32^3
-    python benchmarks/throughput.py --size-2d 224 --size-3d 96     # e.g. on a GPU
+    python benchmarks/throughput.py --sizes-2d 224 --sizes-3d 96   # e.g. on a GPU
+    python benchmarks/throughput.py --noise per-tensor             # the noise drawn per parameter tensor
 """
 
 from __future__ import annotations
@@ -26,32 +28,65 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from monai.networks import nets
 from step_time import _loss, _sync  # the same loss per task and CUDA sync as step_time.py
 
-NETWORKS = {  # name: (builder, spatial dims, task) -- the bundles' default networks
-    "DenseNet121-2D (dp_classification_2d)": (lambda: nets.DenseNet121(
+BUNDLES_DIR = Path(__file__).resolve().parent.parent / "bundles"
+BUNDLES = ("dp_classification_2d", "dp_classification_3d", "dp_segmentation_2d", "dp_segmentation_3d")
+
+
+def bundle_network(bundle: str, bundles_dir: Path | str = BUNDLES_DIR) -> torch.nn.Module:
+    """The network that ``bundle``'s configs/train.json builds (``network_def#network``, before conversion)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundles_dir) / bundle / "configs" / "train.json"))
+    return parser.get_parsed_content("network_def#network")
+
+
+def _bundle_entry(bundle: str, bundles_dir: Path | str = BUNDLES_DIR) -> tuple[str, tuple]:
+    """``(label, (builder, spatial dims, task))`` of ``bundle``'s network, read from its train.json."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundles_dir) / bundle / "configs" / "train.json"))
+    d = int(parser.get_parsed_content("network_def#network#spatial_dims"))
+    target = parser["network_def"]["network"]["_target_"].rsplit(".", 1)[-1]
+    task = "cls" if "classification" in bundle else "seg"
+    return f"{target}-{d}D ({bundle})", (lambda: bundle_network(bundle, bundles_dir), d, task)
+
+
+NETWORKS = dict(_bundle_entry(b) for b in BUNDLES)  # name: (builder, spatial dims, task); the bundles' networks
+NETWORKS.update({  # larger networks of the size the model zoo trains (the issue's GPU targets are about these)
+    "DenseNet121-2D (model-zoo scale)": (lambda: nets.DenseNet121(
         spatial_dims=2, in_channels=1, out_channels=2, norm=("group", {"num_groups": 8})), 2, "cls"),
-    "ResNet-3D (dp_classification_3d)": (lambda: nets.ResNet(
+    "ResNet-3D 32-256 (model-zoo scale)": (lambda: nets.ResNet(
         "basic", [1, 1, 1, 1], [32, 64, 128, 256], spatial_dims=3, n_input_channels=1, num_classes=2,
         norm=("group", {"num_groups": 8})), 3, "cls"),
-    "UNet-2D (dp_segmentation_2d)": (lambda: nets.UNet(
+    "UNet-2D 16-128 (model-zoo scale)": (lambda: nets.UNet(
         2, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=2, norm="instance"), 2, "seg"),
-    "SegResNet-3D (dp_segmentation_3d)": (lambda: nets.SegResNet(
+    "SegResNet-3D (model-zoo scale)": (lambda: nets.SegResNet(
         3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 2, 2), blocks_up=(1, 1),
         norm=("group", {"num_groups": 8})), 3, "seg"),
-}
+})
 METHODS = ("non-DP", "per-sample", "ghost", "opacus-hooks", "non-DP bf16", "ghost bf16", "non-DP channels_last",
            "ghost channels_last")
 
 
+FLAT_NOISE = {"value": True}  # the optimizer's ``flat_noise`` (``--noise``)
+
+
 def _dp_optimizer(net, batch):
     from monai_dp.engines.optimizer import PrivateNoiseDPOptimizer as DPOptimizer  # Opacus' DPOptimizer, as the trainer uses it
+    from monai_dp.utils.randomness import private_generator
 
-    return DPOptimizer(torch.optim.SGD(net.parameters(), lr=1e-4), noise_multiplier=1.0, max_grad_norm=1.0,
-                       expected_batch_size=batch)
+    opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=1e-4), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=batch, generator=private_generator(next(net.parameters()).device))
+    opt.flat_noise = FLAT_NOISE["value"]
+    return opt
 
 
 def _step_fn(method, net, loss, x, y):
@@ -154,7 +189,7 @@ def _run(args, network, method, size, batch) -> dict:
         torch.cuda.empty_cache()
         return r
     cmd = [sys.executable, __file__, "--child", json.dumps([network, method, size, batch, args.device, args.warmup,
-                                                            args.repeats])]
+                                                            args.repeats, args.noise])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -175,7 +210,7 @@ def table(args) -> str:
            if device.type == "cuda" else "growth of peak RSS during the steps, fresh process per row (MiB)")
     lines = [f"device: {dev}; torch {torch.__version__}, monai {monai.__version__}, opacus {opacus.__version__}; "
              f"{args.warmup} warm-up + {args.repeats} timed steps per row; memory: {mem}. DP: σ = 1, C = 1, "
-             "one item per row, Opacus DPOptimizer adds the noise.", "",
+             f"one item per row, the trainer's DP optimizer adds the noise ({args.noise} draw).", "",
              "| network | input | batch | method | s/step | × non-DP | memory | × non-DP |",
              "|---|---|---|---|---|---|---|---|"]
     for network in args.networks:
@@ -222,13 +257,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=2 if cuda else 1)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration (CPU)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--noise", choices=["flat", "per-tensor"], default="flat",
+                    help="the DP optimizer's noise draw: one flat draw (default) or one per parameter tensor")
     ap.add_argument("--out", default=None, help="write the markdown table to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        network, method, size, batch, device, warmup, repeats = json.loads(args.child)
+        network, method, size, batch, device, warmup, repeats, noise = json.loads(args.child)
+        FLAT_NOISE["value"] = noise == "flat"
         print(json.dumps(measure(network, method, size, batch, torch.device(device), warmup, repeats)))
         return
+    FLAT_NOISE["value"] = args.noise == "flat"
     text = table(args)
     print(text)
     if args.out:
