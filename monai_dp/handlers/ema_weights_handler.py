@@ -27,24 +27,28 @@ class EMAWeightsHandler:
     ``evaluator`` (e.g. the one a ``ValidationHandler`` runs) it also copies the average into ``network`` when the
     evaluator starts and puts the training iterate back when it completes, so the evaluator's metrics and the
     ``CheckpointSaver`` of the evaluator's handlers (best key metric) see the averaged weights, while training
-    continues from its own iterate. The ``n``-th update uses ``min(decay, (n - 1) / n)``: the plain mean of the
-    iterates so far until the horizon ``1 / (1 - decay)`` is reached, so the (random) initial weights do not
-    linger in a short run.
+    continues from its own iterate. For the first ``start_step`` steps the average is the iterate itself; the
+    ``m``-th step after them uses ``min(decay, (1 + m) / (10 + m))`` (the usual warm-up of an EMA, as in
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)``), so the early, far-off iterates do not linger.
 
     Args:
         network: the trained module (its parameters and floating-point buffers are averaged).
         decay: weight of the old average, in ``[0, 1)``; ``0`` keeps the last iterate. Its horizon is about
             ``1 / (1 - decay)`` steps.
         evaluator: optional engine that should see the averaged weights while it runs.
+        start_step: steps before the averaging starts (the average follows the iterate until then).
     """
 
-    def __init__(self, network: torch.nn.Module, decay: float = 0.99, evaluator: Engine | None = None) -> None:
+    def __init__(self, network: torch.nn.Module, decay: float = 0.99, evaluator: Engine | None = None,
+                 start_step: int = 0) -> None:
         if not isinstance(network, torch.nn.Module):
             raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(error_message("decay", "a number in [0, 1)", decay,
                                            "Use 0.9-0.999; 0 keeps the last iterate."))
-        self.network, self.decay, self.evaluator = network, float(decay), evaluator
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or not start_step >= 0:
+            raise ValueError(error_message("start_step", "an int >= 0", start_step))
+        self.network, self.decay, self.evaluator, self.start_step = network, float(decay), evaluator, start_step
         self.average = [t.detach().clone() for t in self._tensors()]
         self.num_updates = 0
         self._stash: list[torch.Tensor] | None = None
@@ -71,7 +75,8 @@ class EMAWeightsHandler:
             raise RuntimeError("EMAWeightsHandler.update() was called while the averaged weights are swapped in; "
                                "call swap_out() first.")
         self.num_updates += 1
-        decay = min(self.decay, (self.num_updates - 1) / self.num_updates)
+        m = self.num_updates - self.start_step
+        decay = min(self.decay, (1 + m) / (10 + m)) if m > 0 else 0.0
         for avg, t in zip(self.average, self._tensors()):
             avg.mul_(decay).add_(t.detach().to(avg.dtype), alpha=1.0 - decay)
 

@@ -24,7 +24,7 @@ def test_average_is_the_recurrence_over_set_weights_and_attach_is_idempotent():
     net = nn.Linear(2, 1)
     with torch.no_grad():
         net.weight.fill_(0.0), net.bias.fill_(0.0)
-    ema = EMAWeightsHandler(net, decay=0.75)
+    ema = EMAWeightsHandler(net, decay=0.25, start_step=2)
 
     def step(engine, batch):
         with torch.no_grad():
@@ -34,10 +34,10 @@ def test_average_is_the_recurrence_over_set_weights_and_attach_is_idempotent():
     ema.attach(engine)
     ema.attach(engine)  # a second attach must not update twice per iteration
     engine.run([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], max_epochs=1)
-    # the mean of the first four iterates (the initial 0 is not in it; 4 = the horizon 1 / (1 - 0.75)), then EMA
-    expected = (1.0 + 2.0 + 4.0 + 8.0) / 4
-    for w in (16.0, 32.0):
-        expected = 0.75 * expected + 0.25 * w
+    # the iterate for the first 2 steps (start_step), then the warm-up decay 2/11, then 0.25 (= 3/12 < 4/13 < ...)
+    expected = 2.0
+    for w, d in ((4.0, 2 / 11), (8.0, 0.25), (16.0, 0.25), (32.0, 0.25)):
+        expected = d * expected + (1 - d) * w
     assert ema.num_updates == 6
     assert ema.average[0] == pytest.approx(torch.full((1, 2), expected))
     assert ema.average[1] == pytest.approx(torch.full((1,), -expected))
@@ -55,7 +55,7 @@ def test_evaluator_sees_the_average_of_the_dp_iterates_and_training_continues_fr
         optimizer=torch.optim.SGD(net.parameters(), lr=1.0), loss_function=nn.CrossEntropyLoss(),
         train_handlers=[ema], noise_multiplier=1.0, max_grad_norm=1.0, sampling_seed=0, noise_seed=0,
         decollate=False, grad_sample_mode="per_sample")
-    expected = None  # the recurrence, by hand, over the weights after every noisy step
+    expected = _flat(net)  # the recurrence, by hand, from the initial weights over those after every noisy step
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen["iterate"].append(_flat(net)))
 
     def validate(engine):
@@ -65,8 +65,9 @@ def test_evaluator_sees_the_average_of_the_dp_iterates_and_training_continues_fr
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
     trainer.run()
-    for w in seen["iterate"]:
-        expected = w if expected is None else 0.5 * expected + 0.5 * w
+    for m, w in enumerate(seen["iterate"], start=1):
+        d = min(0.5, (1 + m) / (10 + m))  # warm-up 2/11, 3/12, ..., then 0.5 from the 8th step
+        expected = d * expected + (1 - d) * w
     assert ema.num_updates == trainer.dp_steps == len(seen["iterate"]) > 4
     assert torch.allclose(torch.cat([a.flatten() for a in ema.average]), expected, atol=1e-6)
     assert len(seen["eval"]) == 2
@@ -96,5 +97,7 @@ def test_state_round_trips_through_weights_only_load():
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match=r"`decay` must be a number in \[0, 1\), got 1.0"):
         EMAWeightsHandler(nn.Linear(2, 1), decay=1.0)
+    with pytest.raises(ValueError, match="`start_step` must be an int >= 0, got -1"):
+        EMAWeightsHandler(nn.Linear(2, 1), start_step=-1)
     with pytest.raises(TypeError, match="`network` must be a torch.nn.Module, got 'list'"):
         EMAWeightsHandler([], decay=0.9)
