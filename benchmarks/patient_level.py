@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,7 +71,9 @@ def make_patient_data(name: str, dest: Path, spans: tuple[int, int]) -> tuple[Pa
     parser = _parser(root, dataset_dir=str(folder))
     training = parser.get_parsed_content("datalist")["training"]
     key = parser.get_parsed_content("patient_key")
-    return folder, {"records": len(training), "patients": len({r[key] for r in training}), "synthetic": made}
+    per_patient = Counter(r[key] for r in training)
+    return folder, {"records": len(training), "patients": len(per_patient), "max_records": max(per_patient.values()),
+                    "synthetic": made}
 
 
 @functools.cache
@@ -101,6 +105,25 @@ def run_one(name: str, out: Path, folder: Path, epsilon: float, unit: str, batch
     return result
 
 
+def account_only(name: str, setup: dict, epsilon: float, unit: str) -> dict:
+    """σ, q, steps and the ε of the patient with most records that a run would have, without training: the
+    trainer's own calibration (``int(1 / q)`` Poisson steps per epoch) and the report's patient-level ε."""
+    from monai_dp.handlers.privacy_report_handler import patient_level_guarantee
+    from monai_dp.privacy.calibration import calibrate_noise_multiplier
+
+    rec = setup["recipe"]
+    n = setup["patients"] if unit == "patient" else setup["records"]
+    q = (setup["patient_batch"] if unit == "patient" else rec["batch_size"]) / n
+    steps, delta = rec["max_epochs"] * int(1 / q), min(1e-5, 1 / (10 * n))
+    sigma = calibrate_noise_multiplier(epsilon, delta, q, steps, rec.get("accountant", "prv"))
+    k = setup["max_records"]
+    pe = epsilon if unit == "patient" else patient_level_guarantee([(sigma, q, steps)], k, delta)["epsilon"]
+    return {"bundle": name, "metric": "(not trained)", "value": float("nan"), "seconds": float("nan"),
+            "cpu_seconds": float("nan"), "epsilon": epsilon, "delta": delta, "steps": steps, "sigma": sigma,
+            "target_epsilon": epsilon, "unit": unit, "sample_rate": q, "num_units": n, "max_records": k,
+            "patient_epsilon": pe}
+
+
 def table(results: list[dict], setup: dict) -> str:
     import monai
     import opacus
@@ -119,10 +142,14 @@ def table(results: list[dict], setup: dict) -> str:
         k = f" ({r['max_records']})" if r.get("max_records") else ""
         pe = f"{r['patient_epsilon']:.3g}{k}" if r.get("patient_epsilon") is not None else "-"
         changed = " (train.json changed since the first run)" if r.get("recipe_changed") else ""
-        lines.append(f"| {r['bundle']}{changed} | {r['target_epsilon']:g} | {r['unit']} | {r['metric']} | {r['value']:.3f} | "
+        lines.append(f"| {r['bundle']}{changed} | {r['target_epsilon']:g} | {r['unit']} | {r['metric']} | {_num(r['value'], '.3f')} | "
                      f"{r['epsilon']:.2f} ({r['delta']:.0e}) | {pe} | {r['sigma']:.3f} | {r['sample_rate']:.4f} | "
-                     f"{r['num_units']} | {r['steps']} | {r['seconds'] / 60:.1f} | {r['cpu_seconds'] / 60:.1f} |")
+                     f"{r['num_units']} | {r['steps']} | {_num(r['seconds'] / 60, '.1f')} | {_num(r['cpu_seconds'] / 60, '.1f')} |")
     return "\n".join(lines)
+
+
+def _num(x: float, spec: str) -> str:
+    return "-" if math.isnan(x) else format(x, spec)  # NaN: not measured
 
 
 def main() -> None:
@@ -133,6 +160,8 @@ def main() -> None:
     ap.add_argument("--units", nargs="+", default=["record", "patient"], choices=["record", "patient"])
     ap.add_argument("--records-per-patient", nargs=2, type=int, default=[1, 10], metavar=("LOW", "HIGH"))
     ap.add_argument("--out", default="runs/patient_level")
+    ap.add_argument("--accounting-only", action="store_true",
+                    help="no training: only σ, q, steps and the patient's ε that the runs would have")
     ap.add_argument("--override", nargs="*", default=[], metavar="ID=VALUE",
                     help="bundle config overrides for every run (exploration; the documented table uses none)")
     args = ap.parse_args()
@@ -148,8 +177,11 @@ def main() -> None:
                        "patient_batch": max(1, round(int(batch) * counts["patients"] / counts["records"]))}
         for epsilon in args.epsilons:
             for unit in args.units:
-                r = run_one(name, out / name, folder, epsilon, unit,
-                            setup[name]["patient_batch"] if unit == "patient" else None, extra)
+                if args.accounting_only:
+                    r = account_only(name, setup[name], epsilon, unit)
+                else:
+                    r = run_one(name, out / name, folder, epsilon, unit,
+                                setup[name]["patient_batch"] if unit == "patient" else None, extra)
                 print(json.dumps(r), flush=True)
                 results.append(r)
                 (out / "patient_level.md").write_text(table(results, setup) + "\n")
