@@ -113,8 +113,9 @@ def _evaluate(files: list[Path], common: dict, dp: bool, bundle: Path, split: st
                                             bundle / f"run_evaluate_{out.name}.json"), workflow_type="eval")
     ev.initialize()
     ev.run()
-    rows = list(csv.reader(open(out / "metrics.csv")))
-    return float(dict((r[0], r[1]) for r in rows if len(r) >= 2)["val_accuracy"])
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    return float({r[0]: r[1] for r in rows if len(r) >= 2}["val_accuracy"])
 
 
 def main() -> None:
@@ -158,11 +159,11 @@ def write_table(out: Path, results: list[dict], load: list[float]) -> str:
         f"device: CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, monai {monai.__version__}, "
         f"opacus {opacus.__version__}; recipe: bundles/dp_classification_2d/configs/fashion_mnist.json",
         "",
-        f"1-minute load average at the start and after each DP run: {', '.join(f'{x:.1f}' for x in load)} "
-        f"(on {os.cpu_count()} cores; other work on the machine slows the wall-clock times)",
+        (f"1-minute load average at the start and after each DP run: {', '.join(f'{x:.1f}' for x in load)} "
+         f"(on {os.cpu_count()} cores; other work on the machine slows the wall-clock times)"),
         "",
-        "| run | test accuracy | ε (δ = 1e-5) | σ | steps | validation: averaged (best epoch) / last iterate "
-        "| training time (wall) | training CPU time |",
+        ("| run | test accuracy | ε (δ = 1e-5) | σ | steps | validation: averaged (best epoch) / last iterate "
+         "| training time (wall) | training CPU time |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
