@@ -53,7 +53,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, task: str, spatial_dims: 
             Each patient's number of records is drawn uniformly from ``low..high`` (seeded by ``seed``; the last
             patient is cut so that there are ``num_items`` records in all, so it may have fewer than ``low``).
             A patient's records share one layout (segmentation: the same objects; classification: the same
-            class and ball) and differ by a shift of up to 2 voxels per axis and by fresh noise. ``None``
+            class, ``p % num_classes`` for patient ``p``, so balanced over patients rather than records, and the
+            same ball) and differ by a shift of up to 2 voxels per axis and by fresh noise. ``None``
             (default): two independent records per patient as described above. Needs ``patients``.
     """
     task = check_choice("task", task, ("classification", "segmentation"))
