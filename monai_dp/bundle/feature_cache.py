@@ -3,8 +3,9 @@ evaluation after training) do not recompute them.
 
 A cache file is named after a digest of everything the features depend on: the extractor (its class, ``repr``,
 parameters and buffers) and every record's input array. Other data or another extractor give another file, never
-stale features. The files hold features of the private records: keep them where the data may be kept (the bundles
-put them under ``models/``) and delete them with it.
+stale features. The files hold features of the private records: keep them where the data may be kept, never in
+the folder shipped with a model (a bundle's ``models/``), and delete them with the data. Off unless a folder is
+given (the Fashion-MNIST recipe's ``feature_cache_dir`` is null by default).
 """
 
 from __future__ import annotations

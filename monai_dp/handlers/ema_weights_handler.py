@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from monai_dp.engines.digest import weights_digest
 from monai_dp.handlers.utils import require_dict
+from monai_dp.utils.errors import DPConfigurationError
 from monai_dp.utils.validation import error_message
 
 __all__ = ["EMAWeightsHandler"]
@@ -52,6 +54,7 @@ class EMAWeightsHandler:
         self.average = [t.detach().clone() for t in self._tensors()]
         self.num_updates = 0
         self._stash: list[torch.Tensor] | None = None
+        self._expected_iterate: str | None = None  # digest a loaded state must find in ``network`` (checked lazily)
 
     def _tensors(self) -> list[torch.Tensor]:
         buffers = [b for b in self.network.buffers() if b.is_floating_point()]
@@ -60,10 +63,31 @@ class EMAWeightsHandler:
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self.update, Events.ITERATION_COMPLETED):
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+            # before a step changes the weights, after any checkpoint loader has run (on STARTED)
+            engine.add_event_handler(Events.ITERATION_STARTED, self._check_loaded)
         ev = self.evaluator
         if ev is not None and not ev.has_event_handler(self.swap_in, Events.STARTED):
             ev.add_event_handler(Events.STARTED, self.swap_in)
             ev.add_event_handler(Events.COMPLETED, self.swap_out)
+            ev.add_event_handler(Events.EXCEPTION_RAISED, self._swap_out_and_raise)
+
+    def _swap_out_and_raise(self, engine: Engine, e: BaseException) -> None:
+        """An evaluator that fails leaves the training iterate in ``network``, not the average."""
+        self.swap_out()
+        raise e
+
+    def _check_loaded(self, engine: Engine | None = None) -> None:
+        """A loaded average belongs to the training run whose iterate it was saved with: refuse it beside other
+        weights (an average of another run or data set would enter the evaluated and saved model unaccounted)."""
+        if self._expected_iterate is None:
+            return
+        current = weights_digest(self.network)
+        if current != self._expected_iterate:
+            raise DPConfigurationError(error_message(
+                "EMAWeightsHandler state", f"saved beside the weights now in the network ({current[:12]}…)",
+                f"a state saved beside other weights ({self._expected_iterate[:12]}…)",
+                "Load the EMA state from the same checkpoint as the model and trainer, or build a fresh handler."))
+        self._expected_iterate = None
 
     def __call__(self, engine: Engine | None = None) -> None:
         self.update(engine)
@@ -74,6 +98,7 @@ class EMAWeightsHandler:
         if self._stash is not None:
             raise RuntimeError("EMAWeightsHandler.update() was called while the averaged weights are swapped in; "
                                "call swap_out() first.")
+        self._check_loaded()
         self.num_updates += 1
         m = self.num_updates - self.start_step
         decay = min(self.decay, (1 + m) / (10 + m)) if m > 0 else 0.0
@@ -85,6 +110,7 @@ class EMAWeightsHandler:
         """Put the averaged weights into ``network`` (the training iterate is kept aside)."""
         if self._stash is not None:
             return
+        self._check_loaded()
         tensors = self._tensors()
         self._stash = [t.detach().clone() for t in tensors]
         for t, avg in zip(tensors, self.average):
@@ -100,7 +126,16 @@ class EMAWeightsHandler:
         self._stash = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"average": [a.clone() for a in self.average], "num_updates": self.num_updates, "decay": self.decay}
+        iterate = self._stash if self._stash is not None else None
+        if iterate is not None:  # saved while the average is swapped in: the iterate is the stashed one
+            self.swap_out()
+        try:
+            digest = weights_digest(self.network)
+        finally:
+            if iterate is not None:
+                self.swap_in()
+        return {"average": [a.clone() for a in self.average], "num_updates": self.num_updates, "decay": self.decay,
+                "start_step": self.start_step, "iterate_digest": digest}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = require_dict(state_dict)
@@ -109,6 +144,12 @@ class EMAWeightsHandler:
             shapes = [tuple(a.shape) for a in average] if isinstance(average, list) else type(average).__name__
             raise ValueError(error_message("state_dict['average']", "tensors shaped like the network's weights",
                                            shapes, "Load the state of a handler built on the same network."))
+        digest = state.get("iterate_digest")
+        if not isinstance(digest, str):
+            raise ValueError(error_message("state_dict['iterate_digest']", "the digest of the weights it was saved "
+                                           "beside", type(digest).__name__,
+                                           "Load a state saved by this version of EMAWeightsHandler."))
         for mine, theirs in zip(self.average, average):
             mine.copy_(theirs)
         self.num_updates = int(state.get("num_updates", 0))
+        self._expected_iterate = digest

@@ -101,3 +101,66 @@ def test_arguments_are_checked():
         EMAWeightsHandler(nn.Linear(2, 1), start_step=-1)
     with pytest.raises(TypeError, match="`network` must be a torch.nn.Module, got 'list'"):
         EMAWeightsHandler([], decay=0.9)
+
+
+def _setting_engine(net: nn.Module) -> Engine:
+    def step(engine, batch):
+        with torch.no_grad():
+            net.weight.fill_(float(batch)), net.bias.fill_(-float(batch))
+
+    return Engine(step)
+
+
+def test_an_average_saved_beside_other_weights_is_refused_before_it_is_used():
+    """An EMA state from another run (another data set) would flow into the evaluated and saved model with only
+    this run's accounting: it is refused unless the network holds the weights it was saved beside."""
+    from monai_dp.utils.errors import DPConfigurationError
+
+    run_a = nn.Linear(2, 1)
+    ema_a = EMAWeightsHandler(run_a, decay=0.5)
+    engine_a = _setting_engine(run_a)
+    ema_a.attach(engine_a)
+    engine_a.run([3.0, 5.0], max_epochs=1)
+    saved = torch.load(io.BytesIO(_saved(ema_a)), weights_only=True)
+
+    run_b = nn.Linear(2, 1)  # other weights: a fresh run on other data
+    ema_b = EMAWeightsHandler(run_b, decay=0.5)
+    engine_b = _setting_engine(run_b)
+    ema_b.attach(engine_b)
+    ema_b.load_state_dict(saved)
+    with pytest.raises(DPConfigurationError, match="EMAWeightsHandler state"):
+        engine_b.run([7.0], max_epochs=1)
+    with pytest.raises(DPConfigurationError, match="EMAWeightsHandler state"):
+        ema_b.swap_in()
+
+    # beside the weights it was saved with (a resumed run), it is used
+    run_c = nn.Linear(2, 1)
+    run_c.load_state_dict(run_a.state_dict())
+    ema_c = EMAWeightsHandler(run_c, decay=0.5)
+    engine_c = _setting_engine(run_c)
+    ema_c.attach(engine_c)
+    ema_c.load_state_dict(saved)
+    engine_c.run([7.0], max_epochs=1)
+    assert ema_c.num_updates == 3
+    with pytest.raises(ValueError, match="iterate_digest"):
+        EMAWeightsHandler(nn.Linear(2, 1)).load_state_dict({k: v for k, v in saved.items() if k != "iterate_digest"})
+
+
+def _saved(ema: EMAWeightsHandler) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(ema.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def test_a_failing_evaluator_leaves_the_training_iterate_in_the_network():
+    net = nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.fill_(3.0), net.bias.fill_(3.0)
+    evaluator = Engine(lambda engine, batch: (_ for _ in ()).throw(RuntimeError("evaluation failed")))
+    ema = EMAWeightsHandler(net, decay=0.5, evaluator=evaluator)
+    ema.attach(Engine(lambda engine, batch: None))
+    with torch.no_grad():
+        net.weight.fill_(5.0), net.bias.fill_(5.0)  # the iterate now differs from the average (3.0)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        evaluator.run([1], max_epochs=1)
+    assert torch.equal(_flat(net), torch.full((3,), 5.0))
