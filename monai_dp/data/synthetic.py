@@ -187,8 +187,7 @@ def _write(folder: str, task: str, dims: int, n: int, size: int, num_classes: in
             img = rs.normal(0.0, 1.0, (size,) * dims)
             if label:
                 centre = rs.randint(size // 3, 2 * size // 3, size=dims)
-                radius = size / 8 * (1 + 0.5 * (label - 1))
-                img += contrast * (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2)
+                img += _ball(grid, centre, label, size, contrast)
             rec["label"] = int(label)
         nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), os.path.join(folder, rec["image"]))
         if patients:
@@ -232,6 +231,12 @@ def _shift(a: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ball(grid: np.ndarray, centre, label: int, size: int, contrast: float) -> np.ndarray:
+    """Class ``label``'s ball (radius growing with the class) at ``centre``, ``contrast`` bright."""
+    radius = size / 8 * (1 + 0.5 * (label - 1))
+    return contrast * (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2)
+
+
 def _write_patients(folder: str, task: str, dims: int, size: int, num_classes: int, seed: int, counts: list[int],
                     contrast: float) -> list[dict]:
     """Patient ``p`` gets ``counts[p]`` records: one layout, each record shifted by up to 2 voxels, fresh noise."""
@@ -262,8 +267,7 @@ def _write_patients(folder: str, task: str, dims: int, size: int, num_classes: i
             else:
                 img = rs.normal(0.0, 1.0, (size,) * dims)
                 if label:
-                    radius = size / 8 * (1 + 0.5 * (label - 1))
-                    img += contrast * (sum((g - c) ** 2 for g, c in zip(grid, centre + offsets)) <= radius**2)
+                    img += _ball(grid, centre + offsets, label, size, contrast)
                 rec["label"] = int(label)
             nib.save(nib.Nifti1Image(np.asarray(img, dtype=np.float32), np.eye(4)), os.path.join(folder, rec["image"]))
             records.append(rec)

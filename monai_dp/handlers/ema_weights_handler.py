@@ -126,13 +126,12 @@ class EMAWeightsHandler:
         self._stash = None
 
     def state_dict(self) -> dict[str, Any]:
-        iterate = self._stash if self._stash is not None else None
-        if iterate is not None:  # saved while the average is swapped in: the iterate is the stashed one
-            self.swap_out()
+        swapped = self._stash is not None  # saved while the average is swapped in: digest the stashed iterate
+        self.swap_out()
         try:
             digest = weights_digest(self.network)
         finally:
-            if iterate is not None:
+            if swapped:
                 self.swap_in()
         return {"average": [a.clone() for a in self.average], "num_updates": self.num_updates, "decay": self.decay,
                 "start_step": self.start_step, "iterate_digest": digest}
