@@ -1,11 +1,13 @@
 from typing import Any
 
+from .ema_weights_handler import EMAWeightsHandler
 from .privacy_budget_handler import PrivacyBudgetHandler
 from .privacy_ledger_handler import PrivacyLedgerHandler
 from .privacy_metrics_handler import PrivacyMetricsHandler
 from .privacy_report_handler import PrivacyReportHandler, privacy_report, report_markdown
 
 __all__ = [
+    "EMAWeightsHandler",
     "PrivacyBudgetHandler",
     "PrivacyLedgerHandler",
     "PrivacyMetricsHandler",

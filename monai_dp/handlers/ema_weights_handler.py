@@ -148,7 +148,14 @@ class EMAWeightsHandler:
             raise ValueError(error_message("state_dict['iterate_digest']", "the digest of the weights it was saved "
                                            "beside", type(digest).__name__,
                                            "Load a state saved by this version of EMAWeightsHandler."))
+        decay, start_step = state.get("decay", self.decay), state.get("start_step", self.start_step)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(error_message("state_dict['decay']", "a number in [0, 1)", decay))
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or not start_step >= 0:
+            raise ValueError(error_message("state_dict['start_step']", "an int >= 0", start_step))
         for mine, theirs in zip(self.average, average):
             mine.copy_(theirs)
+        # a resumed run goes on averaging as it was saved (like the other handlers, the state wins over arguments)
         self.num_updates = int(state.get("num_updates", 0))
+        self.decay, self.start_step = float(decay), start_step
         self._expected_iterate = digest

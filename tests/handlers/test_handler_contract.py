@@ -16,6 +16,7 @@ from ignite.engine import Engine
 
 import monai_dp.handlers as handlers_pkg
 from monai_dp.handlers import (
+    EMAWeightsHandler,
     PrivacyAccountantHandler,
     PrivacyBudgetHandler,
     PrivacyLedgerHandler,
@@ -37,26 +38,32 @@ def _ledger(tmp_path) -> str:
     return path
 
 
-# class -> (build with non-default arguments, build with defaults, trainer arguments for a run that changes state)
+# class -> (build with non-default arguments, build with defaults, trainer arguments for a run that changes state);
+# the builders get the test's directory and the trainer the handler will be attached to
 CONTRACT = {
     PrivacyAccountantHandler: (
-        lambda tmp: PrivacyAccountantHandler(delta=1e-4, epsilon_key="eps_1e-4", iteration_interval=3),
-        lambda tmp: PrivacyAccountantHandler(),
+        lambda tmp, trainer: PrivacyAccountantHandler(delta=1e-4, epsilon_key="eps_1e-4", iteration_interval=3),
+        lambda tmp, trainer: PrivacyAccountantHandler(),
         {"max_epochs": 1},
     ),
     PrivacyBudgetHandler: (
-        lambda tmp: PrivacyBudgetHandler(target_epsilon=2.0),
-        lambda tmp: PrivacyBudgetHandler(),
+        lambda tmp, trainer: PrivacyBudgetHandler(target_epsilon=2.0),
+        lambda tmp, trainer: PrivacyBudgetHandler(),
         {"max_epochs": 20},  # the cap of 2.0 stops this run early
     ),
     PrivacyLedgerHandler: (
-        lambda tmp: PrivacyLedgerHandler(_ledger(tmp), dataset_id=DATASET_ID, note="contract suite"),
-        lambda tmp: PrivacyLedgerHandler(str(tmp / "ledger.db")),
+        lambda tmp, trainer: PrivacyLedgerHandler(_ledger(tmp), dataset_id=DATASET_ID, note="contract suite"),
+        lambda tmp, trainer: PrivacyLedgerHandler(str(tmp / "ledger.db")),
+        {"max_epochs": 1},
+    ),
+    EMAWeightsHandler: (
+        lambda tmp, trainer: EMAWeightsHandler(trainer.network, decay=0.5, start_step=3),
+        lambda tmp, trainer: EMAWeightsHandler(trainer.network),
         {"max_epochs": 1},
     ),
     PrivacyReportHandler: (
-        lambda tmp: PrivacyReportHandler(report_file=str(tmp / "models" / "privacy_report.json")),
-        lambda tmp: PrivacyReportHandler(report_file=str(tmp / "other" / "privacy_report.json")),
+        lambda tmp, trainer: PrivacyReportHandler(report_file=str(tmp / "models" / "privacy_report.json")),
+        lambda tmp, trainer: PrivacyReportHandler(report_file=str(tmp / "other" / "privacy_report.json")),
         {"max_epochs": 1},
     ),
 }
@@ -109,7 +116,7 @@ def _same(a, b) -> bool:
 def test_attach_is_idempotent(cls, tmp_path):
     make, _, _ = CONTRACT[cls]
     trainer = make_trainer(target_delta=DELTA, target_epsilon=50.0)
-    handler = make(tmp_path)
+    handler = make(tmp_path, trainer)
     before = _footprint(trainer, handler)
     handler.attach(trainer)
     after_one = _footprint(trainer, handler)
@@ -120,17 +127,18 @@ def test_attach_is_idempotent(cls, tmp_path):
 @pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
 def test_state_is_plain_and_round_trips(cls, tmp_path):
     make, make_default, run_kw = CONTRACT[cls]
-    handler = make(tmp_path)
-    trainer = make_trainer(target_delta=DELTA, handlers=[handler], **run_kw)
+    trainer = make_trainer(target_delta=DELTA, **run_kw)
+    handler = make(tmp_path, trainer)
+    handler.attach(trainer)
     trainer.run()
     state = handler.state_dict()
     _assert_plain(state)
-    default_state = make_default(tmp_path).state_dict()
+    default_state = make_default(tmp_path, trainer).state_dict()
     assert not _same(state, default_state), "the run must leave non-default state, or the round trip shows nothing"
 
     torch.save(state, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
-    fresh = make_default(tmp_path)
+    fresh = make_default(tmp_path, trainer)
     fresh.load_state_dict(loaded)
     assert _same(fresh.state_dict(), state)
     # what is loaded is copied, not shared: changing the file's dict later does not change the handler
@@ -138,13 +146,27 @@ def test_state_is_plain_and_round_trips(cls, tmp_path):
     assert _same(fresh.state_dict(), state)
 
 
-@pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
+# handlers that read no privacy state: they work on any engine (the averaged weights of a non-private baseline)
+ANY_ENGINE = {EMAWeightsHandler}
+
+
+@pytest.mark.parametrize("cls", [c for c in CONTRACT if c not in ANY_ENGINE], ids=lambda c: c.__name__)
 def test_refuses_a_non_dp_engine(cls, tmp_path):
     with pytest.raises(TypeError, match=r"`engine` must be a DP trainer"):
-        CONTRACT[cls][0](tmp_path).attach(Engine(lambda e, b: None))
+        CONTRACT[cls][0](tmp_path, make_trainer(target_delta=DELTA)).attach(Engine(lambda e, b: None))
+
+
+@pytest.mark.parametrize("cls", sorted(ANY_ENGINE, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_any_engine_handler_works_on_a_plain_engine(cls, tmp_path):
+    trainer = make_trainer(target_delta=DELTA)
+    handler = CONTRACT[cls][0](tmp_path, trainer)
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    engine.run([0, 1, 2], max_epochs=1)
+    assert not _same(handler.state_dict(), CONTRACT[cls][1](tmp_path, trainer).state_dict())  # it ran
 
 
 @pytest.mark.parametrize("cls", list(CONTRACT), ids=lambda c: c.__name__)
 def test_load_state_dict_type_checked(cls, tmp_path):
     with pytest.raises(TypeError, match=r"`state_dict` must be a dict, got 'list'"):
-        CONTRACT[cls][1](tmp_path).load_state_dict([1, 2])
+        CONTRACT[cls][1](tmp_path, make_trainer(target_delta=DELTA)).load_state_dict([1, 2])
