@@ -69,9 +69,18 @@ def _overrides(pairs: list[str]) -> list[str]:
 
 def _non_dp_config(root: Path) -> Path:
     """``train.json`` with MONAI's ``SupervisedTrainer`` in place of the DP trainer, everything else unchanged."""
+    config = without_dp(json.loads((root / "configs" / "train.json").read_text()))
+    path = root / "configs" / "train_non_dp.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def without_dp(config: dict) -> dict:
+    """A bundle's training config (a dict, changed in place and returned) with MONAI's ``SupervisedTrainer`` in
+    place of the DP trainer: the trainer arguments it does not take, monai_dp's training handlers, the logged DP
+    state and the privacy history saved with the best checkpoint are dropped; everything else is unchanged."""
     from monai.engines import SupervisedTrainer
 
-    config = json.loads((root / "configs" / "train.json").read_text())
     trainer = config["train"]["trainer"]
     accepted = set(inspect.signature(SupervisedTrainer.__init__).parameters)
     config["train"]["trainer"] = {k: v for k, v in trainer.items() if k == "_target_" or k in accepted}
@@ -82,9 +91,7 @@ def _non_dp_config(root: Path) -> Path:
     for handler in config["validate"]["handlers"]:  # the best checkpoint holds no privacy history without DP
         if isinstance(handler.get("save_dict"), dict):
             handler["save_dict"].pop("privacy", None)
-    path = root / "configs" / "train_non_dp.json"
-    path.write_text(json.dumps(config, indent=1))
-    return path
+    return config
 
 
 def run_bundle(name: str, out: Path, dp: bool, extra: list[str]) -> dict:

@@ -18,6 +18,7 @@ import csv
 import gzip
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -59,18 +60,11 @@ def _config(files: list[Path], overrides: dict, dp: bool, dest: Path) -> str:
     for k, v in overrides.items():
         parser[k] = v
     config = parser.get()
-    if not dp:  # the same trainer arguments, minus everything SupervisedTrainer does not take
-        import inspect
+    if not dp:  # the same configs under MONAI's SupervisedTrainer (as benchmarks/bundle_defaults.py does)
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bundle_defaults import without_dp
 
-        from monai.engines import SupervisedTrainer
-
-        accepted = set(inspect.signature(SupervisedTrainer.__init__).parameters)
-        trainer = config["train"]["trainer"]
-        trainer["_target_"] = "SupervisedTrainer"
-        for k in [k for k in trainer if k != "_target_" and k not in accepted]:
-            trainer.pop(k)
-        config["train"]["handlers"] = [h for h in config["train"]["handlers"]
-                                       if "PrivacyReportHandler" not in h["_target_"]]
+        config = without_dp(config)
     import json
 
     dest.write_text(json.dumps(config, indent=2))
@@ -122,7 +116,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--out", default="runs/fashion_mnist")
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[3.0], help="target ε of the DP runs (δ = 1e-5)")
+    ap.add_argument("--epsilons", type=float, nargs="*", default=[3.0],
+                    help="target ε of the DP runs (δ = 1e-5); none: only the run without DP")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs (DP runs)")
     ap.add_argument("--nondp-epochs", type=int, default=10)
     ap.add_argument("--nondp-lr", type=float, default=0.05)
