@@ -263,10 +263,10 @@ def main() -> None:
 
 
 def write_table(out: Path, results: list[dict], n_val: int) -> str:
-    lines = [f"validation split: {n_val} of the 60,000 training images; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads", "",
-             "| recipe (changes from the bundle's) | σ | steps | validation: last iterate | validation: average "
-             "| clipped (last epoch) | minutes (CPU) |", "|---|---|---|---|---|---|---|"]
+    lines = [(f"validation split: {n_val} of the 60,000 training images; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads"), "",
+             ("| recipe (changes from the bundle's) | σ | steps | validation: last iterate | validation: average "
+              "| clipped (last epoch) | minutes (CPU) |"), "|---|---|---|---|---|---|---|"]
     for r in results:
         changed = {k: v for k, v in r["recipe"].items() if DEFAULTS[k] != v} or "bundle recipe"
         lines.append(f"| {changed} | {r['sigma']} | {r['steps']} | {r['val_last']:.2f}% | {r['val_average']:.2f}% | "

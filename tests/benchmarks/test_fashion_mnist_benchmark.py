@@ -7,23 +7,17 @@ data (a class-dependent bright row), so the run takes seconds and has something 
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+BENCHMARK = "fashion_mnist"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("fashion_mnist")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def bench(benchmark_module):
+    return benchmark_module
 
 
 def _npz(tmp_path: Path) -> Path:

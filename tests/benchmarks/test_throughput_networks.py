@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,12 @@ from monai_dp.networks import make_private_compatible
 ROOT = Path(__file__).resolve().parents[2]
 
 
+BENCHMARK = "throughput"
+
+
 @pytest.fixture(scope="module")
-def throughput():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("throughput")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def throughput(benchmark_module):
+    return benchmark_module
 
 
 def _architecture(net: torch.nn.Module) -> list:
