@@ -2,8 +2,8 @@
 
 The bundle's Fashion-MNIST recipe (``bundles/dp_classification_2d/configs/fashion_mnist.json``) trains a
 GroupNorm + linear head on fixed scattering features. Trying a recipe through the bundle costs 10-15 CPU minutes;
-this script runs the same DP-SGD on the same head directly on cached features, about 2 minutes per recipe on 2
-cores, so that choices (batch, epochs, learning rate, clip norm, averaging, flips, feature transforms, a small
+this script runs the same DP-SGD on the same head directly on cached features (4 to 8 minutes per recipe
+measured on 2 shared cores), so that choices (batch, epochs, learning rate, clip norm, averaging, flips, feature transforms, a small
 CNN head) can be compared on a validation split. It measures; it asserts nothing and releases no model.
 
 Per recipe: Poisson sampling at rate B / N, per-example clipping at C, Gaussian noise σC calibrated with the
