@@ -21,6 +21,16 @@ from monai_dp.utils.validation import error_message
 __all__ = ["EMAWeightsHandler"]
 
 
+def _checked_settings(decay: Any, start_step: Any, decay_name: str, start_name: str) -> tuple[float, int]:
+    """``decay`` in ``[0, 1)`` and ``start_step`` an int >= 0 (from the arguments or a loaded state)."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(error_message(decay_name, "a number in [0, 1)", decay,
+                                       "Use 0.9-0.999; 0 keeps the last iterate."))
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not start_step >= 0:
+        raise ValueError(error_message(start_name, "an int >= 0", start_step))
+    return float(decay), start_step
+
+
 class EMAWeightsHandler:
     """Keep ``average = decay * average + (1 - decay) * weights`` after every training iteration.
 
@@ -45,12 +55,8 @@ class EMAWeightsHandler:
                  start_step: int = 0) -> None:
         if not isinstance(network, torch.nn.Module):
             raise TypeError(error_message("network", "a torch.nn.Module", type(network).__name__))
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(error_message("decay", "a number in [0, 1)", decay,
-                                           "Use 0.9-0.999; 0 keeps the last iterate."))
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or not start_step >= 0:
-            raise ValueError(error_message("start_step", "an int >= 0", start_step))
-        self.network, self.decay, self.evaluator, self.start_step = network, float(decay), evaluator, start_step
+        decay, start_step = _checked_settings(decay, start_step, "decay", "start_step")
+        self.network, self.decay, self.evaluator, self.start_step = network, decay, evaluator, start_step
         self.average = [t.detach().clone() for t in self._tensors()]
         self.num_updates = 0
         self._stash: list[torch.Tensor] | None = None
@@ -148,14 +154,11 @@ class EMAWeightsHandler:
             raise ValueError(error_message("state_dict['iterate_digest']", "the digest of the weights it was saved "
                                            "beside", type(digest).__name__,
                                            "Load a state saved by this version of EMAWeightsHandler."))
-        decay, start_step = state.get("decay", self.decay), state.get("start_step", self.start_step)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(error_message("state_dict['decay']", "a number in [0, 1)", decay))
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or not start_step >= 0:
-            raise ValueError(error_message("state_dict['start_step']", "an int >= 0", start_step))
+        decay, start_step = _checked_settings(state.get("decay", self.decay), state.get("start_step", self.start_step),
+                                              "state_dict['decay']", "state_dict['start_step']")
         for mine, theirs in zip(self.average, average):
             mine.copy_(theirs)
         # a resumed run goes on averaging as it was saved (like the other handlers, the state wins over arguments)
         self.num_updates = int(state.get("num_updates", 0))
-        self.decay, self.start_step = float(decay), start_step
+        self.decay, self.start_step = decay, start_step
         self._expected_iterate = digest

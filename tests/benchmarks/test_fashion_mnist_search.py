@@ -7,19 +7,18 @@ bundle trains) on the raw features, and of the mean loss over two views for the 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
 from monai_dp.networks import FeatureClassifier
 
-SPEC = importlib.util.spec_from_file_location(
-    "fashion_mnist_search", Path(__file__).resolve().parents[2] / "benchmarks" / "fashion_mnist_search.py")
-search = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(search)
+BENCHMARK = "fashion_mnist_search"
+
+
+@pytest.fixture(scope="module")
+def search(benchmark_module):
+    return benchmark_module
 
 
 def _head_and_params(seed: int = 0):
@@ -47,7 +46,7 @@ def _reference_norms(head, params, views, y, label_smoothing):
 
 @pytest.mark.parametrize("num_views", [1, 2])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_closed_form_norms_equal_per_example_gradients(num_views, label_smoothing):
+def test_closed_form_norms_equal_per_example_gradients(search, num_views, label_smoothing):
     head, params, mine = _head_and_params()
     raw = [torch.rand(12, 81, 7, 7) ** 3 for _ in range(num_views)]  # skewed, like scattering coefficients
     y = torch.randint(0, 10, (12,))
@@ -58,7 +57,7 @@ def test_closed_form_norms_equal_per_example_gradients(num_views, label_smoothin
     assert expected.std() > 0.05 * expected.mean()  # examples differ, so a norm shared by the batch would fail
 
 
-def test_group_normalise_is_group_norm_without_affine():
+def test_group_normalise_is_group_norm_without_affine(search):
     raw = torch.rand(5, 81, 7, 7) ** 2
     torch.testing.assert_close(search.group_normalise(raw), torch.nn.functional.group_norm(raw, 27).reshape(5, 81, 49),
                                rtol=1e-4, atol=1e-5)
