@@ -38,6 +38,7 @@ from monai_dp.networks import (
     make_clipper,
     make_private_compatible,
 )
+from monai_dp.networks.projection import statistics_releases
 from monai_dp.privacy.budget import PrivacyBudget, PrivacyPlan
 from monai_dp.utils.distributed import rank_world
 from monai_dp.utils.errors import DPConfigurationError, DPIncompatibleModuleError
@@ -171,6 +172,11 @@ def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length:
     prepare_loss(loss_function, o.make_compatible)
     network = prepare_network(network, o.make_compatible)
     unit = check_choice("privacy_unit", o.privacy_unit, PRIVACY_UNITS)
+    releases = statistics_releases(network)
+    if releases and unit != "record":
+        raise DPConfigurationError(error_message(
+            "privacy_unit", "'record' for a network with released feature statistics", unit,
+            f"{releases[0][0]}'s statistics were released at record level; they do not bound a patient's influence."))
     rank, world = rank_world()
     plan = _loader_plan(o, unit, rank, world)
     units, patients = plan.units(loader)
@@ -181,11 +187,15 @@ def build_dp_setup(*, device: str | torch.device, max_epochs: int, epoch_length:
     dp_loader, sampling = plan.build(loader, sample_rate, units)
     steps_per_epoch = epoch_length if epoch_length is not None else len(dp_loader)
     fingerprint = records_fingerprint(loader, o.patient_key)
-    budget = _budget(o, settings, num_units, unit, sample_rate, sampling, max_epochs, steps_per_epoch)
+    new = [(name, r) for name, r in releases if not budget_has_release(o.privacy_budget, r)]
+    prior = tuple((r["noise_multiplier"], r["sample_rate"], r["steps"]) for _, r in new)
+    budget = _budget(o, settings, num_units, unit, sample_rate, sampling, max_epochs, steps_per_epoch, prior)
     budget.patients = patients
     if budget.dataset_id is None or o.dataset_id is not None:
         budget.dataset_id = o.dataset_id if o.dataset_id is not None else fingerprint
     _record_randomness(budget, o)
+    for name, release in new:
+        budget.compose_release(release, f"{name}.release_statistics()")
     params = trainable_in_optimizer(network, optimizer)
     if world > 1:
         broadcast_parameters(network)
@@ -256,9 +266,15 @@ def _batch_sizes(batch_size: int, accumulation_steps: int, max_physical: int | N
     return logical, physical
 
 
+def budget_has_release(budget: PrivacyBudget | None, release: dict) -> bool:
+    """Whether a handed-in budget already composes ``release`` (the same statistics, by digest)."""
+    return budget is not None and any(p.get("statistics_digest") == release["statistics_digest"] for p in budget.prior)
+
+
 def _budget(o: DPOptions, settings: DPSettings | None, num_units: int, unit: str, sample_rate: float, sampling: str,
-            max_epochs: int, steps_per_epoch: int) -> PrivacyBudget:
-    """The budget handed in (checked against this trainer), or a new one planned over ``planned_*``."""
+            max_epochs: int, steps_per_epoch: int, prior: tuple = ()) -> PrivacyBudget:
+    """The budget handed in (checked against this trainer), or a new one planned over ``planned_*`` (σ calibrated
+    over the ``prior`` releases and the planned steps together)."""
     if settings is None:
         return _check_handed_budget(o, num_units, unit, sample_rate, sampling)
     if o.planned_steps is not None:
@@ -270,7 +286,7 @@ def _budget(o: DPOptions, settings: DPSettings | None, num_units: int, unit: str
     plan = PrivacyPlan.create(target_epsilon=settings.target_epsilon, noise_multiplier=settings.noise_multiplier,
                               delta=delta, sample_rate=sample_rate, planned_steps=planned,
                               accountant=settings.accountant, max_grad_norm=settings.max_grad_norm,
-                              num_units=num_units, unit=unit, sampling=sampling)
+                              num_units=num_units, unit=unit, sampling=sampling, prior_history=prior)
     return PrivacyBudget(plan)
 
 

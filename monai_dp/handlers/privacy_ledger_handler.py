@@ -9,6 +9,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from monai_dp.handlers.utils import require_dict, require_dp_engine
+from monai_dp.networks.projection import RELEASE_KIND
 from monai_dp.utils.distributed import rank_world
 from monai_dp.utils.errors import PrivacyBudgetExhaustedError
 from monai_dp.utils.keys import DPKeys
@@ -122,6 +123,7 @@ class PrivacyLedgerHandler:
                 ledger = open_ledger(self.ledger, create=self.register)
                 if self.register:
                     self._register(ledger, dataset_id, priv)
+                self._charge_releases(ledger, dataset_id, priv)
                 run = ledger.begin_run(dataset_id, noise_multiplier=priv.noise_multiplier,
                                        sample_rate=priv.sample_rate, max_grad_norm=priv.max_grad_norm,
                                        planned_steps=max(remaining, 1), unit=priv.unit,
@@ -167,6 +169,23 @@ class PrivacyLedgerHandler:
         except ValueError:
             if dataset_id not in ledger.dataset_ids():
                 raise  # another run registered it meanwhile otherwise, and its budget holds
+
+    def _charge_releases(self, ledger: Any, dataset_id: str, priv: Any) -> None:
+        """Charge each release of statistics the budget composes and no ledger run holds yet, as a run of one step
+        at its (σ, q = 1), before the training run reserves its steps (refused, like a run, if it does not fit)."""
+        for prior in priv.prior:
+            if prior.get("kind") != RELEASE_KIND or prior.get("ledger_run") is not None:
+                continue
+            run = ledger.begin_run(dataset_id, noise_multiplier=float(prior["noise_multiplier"]),
+                                   sample_rate=float(prior["sample_rate"]), max_grad_norm=float(prior["clip_norm"]),
+                                   planned_steps=1, unit=priv.unit, group_size=self._group_size(ledger, dataset_id, priv),
+                                   note=f"{prior['kind']} released for {prior['source']}", sampling="full",
+                                   noise_seeded=bool(getattr(priv, "reproducible", False)))
+            run.claim_step()
+            run.finish("finished")
+            prior["ledger_run"] = run.run_id
+            logger.info("Privacy ledger %s: the release of %s (σ = %.4g, q = 1) is charged to dataset %r as run %d.",
+                        ledger.path, prior["source"], prior["noise_multiplier"], dataset_id, run.run_id)
 
     @staticmethod
     def _group_size(ledger: Any, dataset_id: str, priv: Any) -> int:

@@ -8,6 +8,7 @@ from .conversion import (
 from .ghost import GhostClipping
 from .grad_sample import PerSampleGradients, per_sample_loss
 from .heads import FeatureClassifier
+from .projection import ProjectedFeatureClassifier, statistics_releases
 from .row_independence import find_row_mixing_modules, register_row_independent
 from .row_probe import probe_row_independence
 from .scattering import WaveletScattering2D
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureClassifier",
     "GhostClipping",
     "PerSampleGradients",
+    "ProjectedFeatureClassifier",
     "WaveletScattering2D",
     "find_incompatible_modules",
     "find_row_mixing_modules",
@@ -28,5 +30,6 @@ __all__ = [
     "per_sample_loss",
     "probe_row_independence",
     "register_row_independent",
+    "statistics_releases",
     "trainable_parameters",
 ]

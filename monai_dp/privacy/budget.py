@@ -50,20 +50,36 @@ class PrivacyPlan:
     @classmethod
     def create(cls, *, target_epsilon: float | None, noise_multiplier: float | None, delta: float,
                sample_rate: float, planned_steps: int, accountant: str, max_grad_norm: float, num_units: int,
-               unit: str = "record", sampling: str = "poisson") -> PrivacyPlan:
+               unit: str = "record", sampling: str = "poisson", prior_history: tuple = ()) -> PrivacyPlan:
         """A plan from checked settings, calibrating σ over ``planned_steps`` when only ε is given.
+
+        ``prior_history``: ``(σ, q, n)`` entries the job spends before its steps (a release of feature statistics,
+        see :mod:`monai_dp.networks.projection`); σ is calibrated so that both together stay within ε.
 
         Raises :class:`PrivacyBudgetExhaustedError` when ``target_epsilon`` does not allow one step.
         """
+        if prior_history and target_epsilon is not None:
+            acc = create_accountant(accountant)
+            for entry in prior_history:
+                acc.step(*entry)
+            spent = acc.get_epsilon(delta)
+            if spent >= target_epsilon:
+                raise PrivacyBudgetExhaustedError(error_message(
+                    "target_epsilon", "above the ε the releases before training spend", target_epsilon,
+                    f"The releases of statistics {list(prior_history)} alone spend ε = {spent:.4g} at δ = {delta:.3g}; "
+                    "release with a larger noise_multiplier, or raise the budget."))
         sigma = noise_multiplier
         if sigma is None:
-            sigma = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, planned_steps, accountant=accountant)
+            sigma = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, planned_steps, accountant=accountant,
+                                               prior_history=tuple(prior_history))
             logger.info("Calibrated noise_multiplier σ = %.4f for ε = %.3g over %d steps (q = %.4g, δ = %.3g, %s).",
                         sigma, target_epsilon, planned_steps, sample_rate, delta, accountant)
         plan = cls(float(sigma), float(sample_rate), float(delta), int(planned_steps), float(max_grad_norm),
                    int(num_units), None if target_epsilon is None else float(target_epsilon), accountant, unit, sampling)
         if plan.target_epsilon is not None:
             acc = create_accountant(accountant)
+            for entry in prior_history:
+                acc.step(*entry)
             if acc.max_extra_steps(plan.target_epsilon, plan.delta, plan.noise_multiplier, plan.sample_rate, limit=1) < 1:
                 raise PrivacyBudgetExhaustedError(error_message(
                     "target_epsilon", "large enough for one step", plan.target_epsilon,
@@ -412,6 +428,21 @@ class PrivacyBudget:
             self.sampling = str(state["sampling"])
         self._limits.clear()
         self._eps_cache = None
+
+    def compose_release(self, release: dict, source: str) -> None:
+        """Compose a release of statistics of the training data (one Gaussian mechanism, e.g.
+        :meth:`~monai_dp.networks.ProjectedFeatureClassifier.release_statistics`) before this job's steps.
+
+        Unlike :meth:`compose_prior` (earlier runs, charged to the ledger when they ran), a release is charged to
+        the ledger by the ledger handler when the run begins (``release["ledger_run"]`` notes it).
+        """
+        entry = [float(release["noise_multiplier"]), float(release["sample_rate"]), int(release["steps"])]
+        self.compose_prior({"accountant": {"accountant": self.accountant.name, "history": [entry]},
+                            "unit": release.get("unit", "record"), "noise_seed": release.get("noise_seed"),
+                            "dataset_id": self.dataset_id, "delta": self.delta}, source)
+        self.prior[-1].update({k: release[k] for k in ("kind", "noise_multiplier", "sample_rate", "clip_norm",
+                                                        "num_records", "statistics_digest") if k in release})
+        self.prior[-1]["ledger_run"] = None
 
     def check_not_rewound(self, strict: bool = True) -> None:
         """Raise if an older history was loaded while the weights are not that checkpoint's (see load)."""

@@ -20,7 +20,8 @@ _RELATIVE_SIGMA_RESOLUTION = 1e-6  # stop bisecting once σ is known this finely
 
 
 def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                               accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
+                               accountant: str = "prv", epsilon_tolerance: float = 0.01,
+                               prior_history: tuple = ()) -> float:
     """Smallest σ (within tolerance) such that ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``.
 
     σ is doubled from 1 (or halved) to bracket the target, then bisected keeping the invariant
@@ -35,6 +36,8 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
         steps: planned number of steps, >= 1.
         accountant: ``"prv"``, ``"rdp"``, ``"gdp"``, ``"pld"`` or a registered name.
         epsilon_tolerance: how far below the target the returned σ's ε may be.
+        prior_history: ``(σ, q, n)`` entries spent before these steps (a release of statistics), composed with
+            them: the returned σ keeps the composition within the target.
 
     Raises:
         ValueError: for bad arguments, or when even σ = ``MAX_NOISE_MULTIPLIER`` spends more than the target.
@@ -49,6 +52,8 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     steps = check_positive_int("steps", steps)
     epsilon_tolerance = check_positive("epsilon_tolerance", epsilon_tolerance)
     acc = create_accountant(accountant)
+    for entry in prior_history:
+        acc.step(*entry)
 
     def eps(sigma: float) -> float:
         with warnings.catch_warnings():  # probing tiny σ may hit the PRV -> RDP fallback; that is no concern here
