@@ -34,12 +34,18 @@ def _npz(tmp_path: Path) -> Path:
     return path
 
 
-def test_no_dp_row_trains_with_supervised_trainer_and_evaluates(bench, tmp_path):
-    over = {"max_epochs": 10, "batch_size": 20, "learning_rate": 0.1, "val_batch_size": 40,
+@pytest.mark.parametrize("recipe", ["linear", "projected"])
+def test_no_dp_row_trains_with_supervised_trainer_and_evaluates(bench, tmp_path, recipe):
+    over = {"projection_components": 100, "max_epochs": 10, "batch_size": 20, "learning_rate": 0.1, "val_batch_size": 40,
             "feature_cache_dir": str(tmp_path / "cache"), "ema_start_step": 0, "ema_decay": 0.5}
-    res = bench.run_recipe("non_dp", tmp_path, _npz(tmp_path), False, over)
+    res = bench.run_recipe("non_dp", tmp_path, _npz(tmp_path), False, over, recipe)
     assert res["dp"] is False and res["sigma"] is None and res["epsilon"] == float("inf")
     assert res["steps"] == 10 * 6  # SupervisedTrainer: 120 records in batches of 20, no Poisson sampling
     assert res["test_accuracy"] > 0.5  # ten classes: it learned (chance is 0.1)
     saved = tmp_path / "non_dp" / "models" / "model.pt"
     assert saved.exists()
+    import torch
+
+    state = torch.load(saved, weights_only=True)["model"]
+    head = "linear.weight" if recipe == "projected" else "net.2.weight"
+    assert state[head].shape == (10, 100 if recipe == "projected" else 81 * 49)
