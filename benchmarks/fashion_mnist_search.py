@@ -26,7 +26,9 @@ averaged; ``"augment"``: a random one of the two each time a record is drawn), `
 ``true``: every feature standardised with the training split's mean and spread after GroupNorm's normalisation, a
 non-private upper bound on what privately estimated statistics could give), ``transform`` (``"none"``,
 ``"sqrt"``, ``"log"``: applied to the scattering coefficients before everything else), ``label_smoothing`` (0),
-``head`` (``"linear"`` or ``"cnn<channels>"``), ``seed`` (0).
+``head`` (``"linear"``, ``"cnn<channels>"`` or ``"projected"``: the package's ``ProjectedFeatureClassifier``, its
+statistics released with σ = ``statistics_sigma`` (8) and composed into the calibration, ``components`` (1000)
+directions, ``ridge`` (0.1)), ``seed`` (0).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 GROUPS, CHANNELS, SPATIAL = 27, 81, 49  # scattering J = 2, L = 8 of 28 x 28 images: 81 channels of 7 x 7
 DEFAULTS = {"epsilon": 3.0, "batch": 4096, "epochs": 40, "lr": 8.0, "momentum": 0.9, "clip": 0.1, "ema_decay": 0.99,
             "ema_start": 0.2, "flip": "none", "standardize": False, "transform": "none", "label_smoothing": 0.0,
-            "head": "linear", "seed": 0}
+            "head": "linear", "seed": 0, "statistics_sigma": 8.0, "components": 1000, "ridge": 0.1}
 
 
 def scattering_features(images: np.ndarray, cache: Path) -> np.ndarray:
@@ -110,6 +112,15 @@ def linear_head_norms(params: dict, views: list[torch.Tensor], y: torch.Tensor, 
     return sq.sqrt(), logits
 
 
+def projected_head_norms(params: dict, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example gradient norms of the cross-entropy of ``logits = W z + c`` (the linear layer of
+    ``ProjectedFeatureClassifier`` on its projections ``z``), and the gradients ``s`` with respect to the logits:
+    ``∂W = s zᵀ``, ``∂c = s``, so the norm is ``|s| · sqrt(|z|² + 1)``."""
+    s = torch.softmax(z @ params["W"].T + params["c"], 1)
+    s[torch.arange(len(y)), y] -= 1.0
+    return s.norm(dim=1) * torch.sqrt(z.pow(2).sum(1) + 1.0), s
+
+
 def cnn_head(channels: int) -> nn.Module:
     """GroupNorm affine over the (already normalised) scattering channels, one 3x3 convolution, GroupNorm, tanh,
     2x2 max-pooling, linear (Tramèr & Boneh's ScatterNet + CNN, scaled down)."""
@@ -133,9 +144,25 @@ def run(recipe: dict, data: dict) -> dict:
     n = len(x_tr)
     q = r["batch"] / n
     steps = int(r["epochs"] / q)
-    sigma = calibrate_noise_multiplier(r["epsilon"], 1e-5, q, steps, accountant="prv") if r["epsilon"] else 0.0
     head = r["head"]
-    if head == "linear":
+    prior = ((float(r["statistics_sigma"]), 1.0, 1),) if head == "projected" else ()
+    sigma = calibrate_noise_multiplier(r["epsilon"], 1e-5, q, steps, accountant="prv",
+                                       prior_history=prior) if r["epsilon"] else 0.0
+    projection = None
+    if head == "projected" and r["flip"] == "augment":
+        raise ValueError("flip='augment' draws unprojected features; use 'none' or 'average' with head='projected'")
+    if head == "projected":  # the package's head: its statistics released privately, then a linear layer on them
+        from monai_dp.networks import ProjectedFeatureClassifier
+
+        projection = ProjectedFeatureClassifier((CHANNELS, 7, 7), 10, GROUPS, int(r["components"]), float(r["ridge"]))
+        projection.release_statistics(x_tr.view(n, CHANNELS, 7, 7), noise_multiplier=float(r["statistics_sigma"]),
+                                      noise_seed=int(r["seed"]) + 200)
+        with torch.no_grad():
+            x_tr, x_va = (torch.cat([projection.project(x[i:i + 4096].view(-1, CHANNELS, 7, 7))
+                                     for i in range(0, len(x), 4096)]) for x in (x_tr, x_va))
+        p = {"W": projection.linear.weight.detach().clone(), "c": projection.linear.bias.detach().clone()}
+        model = None
+    elif head == "linear":
         lin = nn.Linear(CHANNELS * SPATIAL, 10)
         p = {"g": torch.ones(CHANNELS), "b": torch.zeros(CHANNELS), "W": lin.weight.detach().clone(),
              "c": lin.bias.detach().clone()}
@@ -152,7 +179,7 @@ def run(recipe: dict, data: dict) -> dict:
 
         per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
     else:
-        raise ValueError(f"head must be 'linear' or 'cnn<channels>', got {head!r}")
+        raise ValueError(f"head must be 'linear', 'projected' or 'cnn<channels>', got {head!r}")
     momentum_buf = {k: torch.zeros_like(v) for k, v in p.items()}
     average = {k: v.clone() for k, v in p.items()}
     start = int(r["ema_start"] * steps)
@@ -166,7 +193,12 @@ def run(recipe: dict, data: dict) -> dict:
             x = torch.where(pick[:, None, None], flip_tr[idx], x_tr[idx])
         else:
             x = x_tr[idx]
-        if model is None:
+        if projection is not None:
+            norms, s = projected_head_norms(p, x, y)
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+            sf = s * factor[:, None]
+            total = {"W": sf.T @ x, "c": sf.sum(0)}
+        elif model is None:
             pr = {k: v.clone().requires_grad_(True) for k, v in p.items()}
             norms, logits = linear_head_norms(pr, [x], y, r["label_smoothing"])
             factor = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -196,7 +228,9 @@ def run(recipe: dict, data: dict) -> dict:
 
     def accuracy(pp: dict, x: torch.Tensor) -> float:
         with torch.no_grad():
-            if model is None:
+            if projection is not None:
+                out = x @ pp["W"].T + pp["c"]
+            elif model is None:
                 out = linear_head_norms(pp, [x], y_va)[1][0]
             else:
                 from torch.func import functional_call

@@ -61,3 +61,26 @@ def test_group_normalise_is_group_norm_without_affine(search):
     raw = torch.rand(5, 81, 7, 7) ** 2
     torch.testing.assert_close(search.group_normalise(raw), torch.nn.functional.group_norm(raw, 27).reshape(5, 81, 49),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_projected_head_norms_equal_per_example_gradients_of_its_linear_layer(search):
+    from monai_dp.networks import ProjectedFeatureClassifier
+
+    torch.manual_seed(1)
+    head = ProjectedFeatureClassifier([81, 7, 7], 10, norm_groups=27, components=50)
+    head.release_statistics(torch.rand(200, 81, 7, 7) ** 3, noise_multiplier=1e-6, noise_seed=0)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 0.3)
+    raw, y = torch.rand(12, 81, 7, 7) ** 3, torch.randint(0, 10, (12,))
+    params = {k: v.detach() for k, v in head.named_parameters()}
+
+    def loss(pp, x, target):
+        return torch.nn.functional.cross_entropy(functional_call(head, pp, (x[None],)), target[None])
+
+    gs = vmap(grad(loss), in_dims=(None, 0, 0))(params, raw, y)
+    expected = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in gs.values()))
+    with torch.no_grad():
+        norms, _ = search.projected_head_norms({"W": params["linear.weight"], "c": params["linear.bias"]},
+                                               head.project(raw), y)
+    torch.testing.assert_close(norms, expected, rtol=1e-4, atol=1e-6)
+    assert expected.std() > 0.05 * expected.mean()
