@@ -172,3 +172,12 @@ def test_refusals_name_the_argument():
         r["patient_id"] = "p" + str(int(r["label"]))
     with pytest.raises(DPConfigurationError, match="privacy_unit"):
         _trainer(head, records, privacy_unit="patient")
+
+
+def test_a_release_after_the_trainer_was_built_is_refused_before_the_first_step():
+    records = _records()
+    head = ProjectedFeatureClassifier(SHAPE, 2, norm_groups=3, components=20)
+    trainer = _trainer(head, records)
+    head.release_statistics(records, noise_multiplier=4.0)  # the trainer never saw it: its weights changed since
+    with pytest.raises(DPConfigurationError, match="no history found"):
+        trainer.run()
