@@ -161,7 +161,7 @@ def write_table(out: Path, results: list[dict], load: list[float], recipe: str =
 
     lines = [
         f"device: CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, monai {monai.__version__}, "
-        f"opacus {opacus.__version__}; recipe {recipe!r}: bundles/dp_classification_2d/configs/ "
+        f"opacus {opacus.__version__}; recipe {recipe!r}: bundles/dp_classification_2d/configs/"
         f"{' over '.join(reversed(RECIPES[recipe]))}",
         "",
         (f"1-minute load average at the start and after each DP run: {', '.join(f'{x:.1f}' for x in load)} "
