@@ -25,7 +25,6 @@ record (:func:`statistics_releases`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_dp.utils.digest import state_dict_digest
 from monai_dp.utils.validation import check_positive, check_positive_int, error_message
 
 __all__ = ["ProjectedFeatureClassifier", "RELEASE_KIND", "statistics_releases"]
@@ -107,13 +107,8 @@ class ProjectedFeatureClassifier(nn.Module):
 
     # ------------------------------------------------------------------ the release
     def statistics_digest(self) -> str:
-        """BLAKE2b of the statistic buffers (what :attr:`release` vouches for)."""
-        h = hashlib.blake2b(digest_size=16)
-        for name in (*_STATISTICS, "fitted"):
-            t = getattr(self, name).detach().cpu().contiguous()
-            h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+        """Digest of the statistic buffers (what :attr:`release` vouches for)."""
+        return state_dict_digest({name: getattr(self, name) for name in (*_STATISTICS, "fitted")})
 
     @torch.no_grad()
     def statistic_sums(self, data: Any, clip_norm: float, key: str = "image",

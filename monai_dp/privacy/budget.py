@@ -58,10 +58,10 @@ class PrivacyPlan:
 
         Raises :class:`PrivacyBudgetExhaustedError` when ``target_epsilon`` does not allow one step.
         """
+        acc = create_accountant(accountant)  # holding the prior entries: both checks below compose them
+        for entry in prior_history:
+            acc.step(*entry)
         if prior_history and target_epsilon is not None:
-            acc = create_accountant(accountant)
-            for entry in prior_history:
-                acc.step(*entry)
             spent = acc.get_epsilon(delta)
             if spent >= target_epsilon:
                 raise PrivacyBudgetExhaustedError(error_message(
@@ -77,9 +77,6 @@ class PrivacyPlan:
         plan = cls(float(sigma), float(sample_rate), float(delta), int(planned_steps), float(max_grad_norm),
                    int(num_units), None if target_epsilon is None else float(target_epsilon), accountant, unit, sampling)
         if plan.target_epsilon is not None:
-            acc = create_accountant(accountant)
-            for entry in prior_history:
-                acc.step(*entry)
             if acc.max_extra_steps(plan.target_epsilon, plan.delta, plan.noise_multiplier, plan.sample_rate, limit=1) < 1:
                 raise PrivacyBudgetExhaustedError(error_message(
                     "target_epsilon", "large enough for one step", plan.target_epsilon,
